@@ -1,0 +1,231 @@
+//! Binding of call arguments to a parameter table, shared by layers, search
+//! domains, optimizers, schedules and callbacks.
+
+use super::value::Value;
+
+/// What a parameter accepts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Kind {
+    Int,
+    Float,
+    Bool,
+    /// `true`, `false` or `auto`.
+    BoolOrAuto,
+    /// One of the listed words.
+    Word(&'static [&'static str]),
+    Str,
+    /// Anything; the reader interprets it.
+    Any,
+}
+
+impl Kind {
+    pub fn describe(&self) -> String {
+        match self {
+            Kind::Int => "an integer".into(),
+            Kind::Float => "a number".into(),
+            Kind::Bool => "`true` or `false`".into(),
+            Kind::BoolOrAuto => "`true`, `false` or `auto`".into(),
+            Kind::Word(words) => words
+                .iter()
+                .map(|w| format!("`{w}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            Kind::Str => "a string".into(),
+            Kind::Any => "a value".into(),
+        }
+    }
+}
+
+/// A parameter's default.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Default {
+    Required,
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Word(&'static str),
+    /// Takes the value of another parameter, as pooling's `stride` takes `size`.
+    SameAs(&'static str),
+    /// Absent unless given.
+    Unset,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Param {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub default: Default,
+}
+
+pub const fn param(name: &'static str, kind: Kind, default: Default) -> Param {
+    Param {
+        name,
+        kind,
+        default,
+    }
+}
+
+/// Why arguments could not be bound.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BindError {
+    /// A keyword that the table does not have (index into the keywords given).
+    Unknown { index: usize },
+    Missing { name: &'static str },
+    Duplicate { index: usize },
+    /// A value of the wrong kind (index into the keywords given).
+    Invalid { index: usize, expected: String },
+}
+
+/// Bound arguments: one value per parameter that has a value.
+#[derive(Debug, Clone, Default)]
+pub struct Args {
+    values: Vec<(&'static str, Value)>,
+}
+
+impl Args {
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.values.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+
+    /// Integer parameter; the table guarantees the kind when bound.
+    pub fn int(&self, name: &str) -> i64 {
+        self.get(name).and_then(Value::as_i64).unwrap_or(0)
+    }
+
+    pub fn float(&self, name: &str) -> f64 {
+        self.get(name).and_then(Value::as_f64).unwrap_or(0.0)
+    }
+
+    pub fn word(&self, name: &str) -> &str {
+        match self.get(name) {
+            Some(Value::Word(w)) => w,
+            Some(Value::Bool(true)) => "true",
+            Some(Value::Bool(false)) => "false",
+            _ => "",
+        }
+    }
+
+    pub fn bool(&self, name: &str) -> bool {
+        matches!(self.get(name), Some(Value::Bool(true)))
+    }
+
+    pub fn string(&self, name: &str) -> Option<&str> {
+        match self.get(name) {
+            Some(Value::Str(s)) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// Binds keyword arguments to a parameter table and fills in defaults.
+pub fn bind(table: &[Param], keywords: &[(String, Value)]) -> Result<Args, BindError> {
+    let mut args = Args::default();
+    for (index, (key, value)) in keywords.iter().enumerate() {
+        let Some(spec) = table.iter().find(|p| p.name == key) else {
+            return Err(BindError::Unknown { index });
+        };
+        if args.get(spec.name).is_some() {
+            return Err(BindError::Duplicate { index });
+        }
+        let value = coerce(spec.kind, value).ok_or_else(|| BindError::Invalid {
+            index,
+            expected: spec.kind.describe(),
+        })?;
+        args.values.push((spec.name, value));
+    }
+    for spec in table {
+        if args.get(spec.name).is_some() {
+            continue;
+        }
+        let value = match spec.default {
+            Default::Required => return Err(BindError::Missing { name: spec.name }),
+            Default::Unset => continue,
+            Default::Int(i) => Value::Int(i),
+            Default::Float(f) => Value::Float(f),
+            Default::Bool(b) => Value::Bool(b),
+            Default::Word(w) => Value::Word(w.to_string()),
+            Default::SameAs(other) => match args.get(other) {
+                Some(v) => v.clone(),
+                None => continue,
+            },
+        };
+        args.values.push((spec.name, value));
+    }
+    Ok(args)
+}
+
+/// Converts a value to a parameter's kind, or returns `None` when it does not
+/// fit.
+fn coerce(kind: Kind, value: &Value) -> Option<Value> {
+    match (kind, value) {
+        (Kind::Any, v) => Some(v.clone()),
+        (Kind::Int, v) => v.as_i64().map(Value::Int),
+        (Kind::Float, v) => v.as_f64().map(Value::Float),
+        (Kind::Bool | Kind::BoolOrAuto, Value::Bool(b)) => Some(Value::Bool(*b)),
+        (Kind::BoolOrAuto, Value::Word(w)) if w == "auto" => Some(value.clone()),
+        (Kind::Word(words), Value::Word(w)) if words.contains(&w.as_str()) => Some(value.clone()),
+        (Kind::Word(words), Value::Str(w)) if words.contains(&w.as_str()) => {
+            Some(Value::Word(w.clone()))
+        }
+        (Kind::Str, Value::Str(_)) => Some(value.clone()),
+        (Kind::Str, Value::Word(w)) => Some(Value::Str(w.clone())),
+        _ => None,
+    }
+}
+
+/// Returns the closest of `candidates` to `name`, if any is close enough to
+/// be a likely typo.
+pub fn suggest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = (name.chars().count() / 3).max(1);
+    candidates
+        .into_iter()
+        .map(|c| (edit_distance(name, c), c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// Levenshtein distance between two strings, counted in characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            let cost = usize::from(ca != *cb);
+            row[j + 1] = (above + 1).min(row[j] + 1).min(diagonal + cost);
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggest_finds_typo() {
+        assert_eq!(suggest("fliters", ["filters", "kernel"]), Some("filters"));
+        assert_eq!(suggest("xyz", ["filters", "kernel"]), None);
+    }
+
+    #[test]
+    fn bind_fills_defaults_and_same_as() {
+        let table = [
+            param("size", Kind::Int, Default::Int(2)),
+            param("stride", Kind::Int, Default::SameAs("size")),
+        ];
+        let args = bind(&table, &[("size".into(), Value::Int(3))]).unwrap();
+        assert_eq!(args.int("stride"), 3);
+    }
+
+    #[test]
+    fn bind_rejects_fraction_for_int() {
+        let table = [param("units", Kind::Int, Default::Required)];
+        let err = bind(&table, &[("units".into(), Value::Float(2.5))]).unwrap_err();
+        assert!(matches!(err, BindError::Invalid { index: 0, .. }));
+    }
+}

@@ -1,0 +1,478 @@
+//! Checking: resolves every name of a parsed file, elaborates each model at
+//! the points of its search space, and infers every shape.
+//!
+//! The checker never stops at the first mistake: it returns every diagnostic
+//! it finds, errors and warnings, ordered by position. Mistakes that occur
+//! only at some points of a search space are reported with the assignment
+//! that triggers them.
+
+pub mod args;
+pub mod elaborate;
+mod errors;
+pub mod graph;
+pub mod layers;
+mod search;
+pub mod space;
+pub mod summary;
+pub mod train;
+pub mod value;
+
+use crate::diag::{codes, Diagnostic, Span};
+use crate::syntax::{self, ast};
+use elaborate::{model_blocks, Elaborator};
+use graph::Graph;
+use space::{Point, Space};
+use std::collections::HashSet;
+use train::TrainConfig;
+
+/// How many points of a search space the checker visits at most.
+pub const MAX_CHECKED_POINTS: usize = 2048;
+
+/// A parsed file, ready to be checked or instantiated at any point.
+pub struct Program {
+    pub file: ast::File,
+}
+
+/// Limits on what a point of a search space may cost, from a `budget`
+/// section.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Budget {
+    pub max_params: Option<u64>,
+    /// Multiply-accumulates per sample.
+    pub max_macs: Option<u64>,
+    /// Activation memory per sample in bytes (4 bytes per float).
+    pub max_activation_bytes: Option<u64>,
+}
+
+impl Budget {
+    /// Describes how `graph` exceeds the budget, if it does.
+    pub fn violation(&self, graph: &Graph) -> Option<String> {
+        let params = graph.params() as u64;
+        let macs = graph.macs();
+        let bytes = 4 * graph.activation_floats() as u64;
+        let checks = [
+            (self.max_params, params, "parameters"),
+            (self.max_macs, macs, "MACs per sample"),
+            (self.max_activation_bytes, bytes, "activation bytes per sample"),
+        ];
+        checks.iter().find_map(|(limit, actual, what)| {
+            limit
+                .filter(|limit| actual > limit)
+                .map(|limit| format!("{actual} {what} exceed the budget of {limit}"))
+        })
+    }
+}
+
+/// A model elaborated at one point of its space.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub graph: Graph,
+    pub train: TrainConfig,
+}
+
+/// What `kiln check` learns about one model.
+#[derive(Debug, Clone)]
+pub struct ModelReport {
+    pub name: String,
+    pub space: Space,
+    /// The default point and the model there, when it is valid.
+    pub point: Point,
+    pub instance: Option<Instance>,
+    pub budget: Budget,
+    pub points_checked: usize,
+    /// Whether the space has more points than were checked.
+    pub points_cut: bool,
+}
+
+/// The result of checking a whole file.
+pub struct CheckReport {
+    pub models: Vec<ModelReport>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl CheckReport {
+    pub fn has_errors(&self) -> bool {
+        self.diagnostics.iter().any(Diagnostic::is_error)
+    }
+}
+
+/// Parses and checks a `.model` source text.
+pub fn check_source(source: &str) -> CheckReport {
+    match Program::parse(source) {
+        Ok(program) => program.check(),
+        Err(d) => CheckReport {
+            models: Vec::new(),
+            diagnostics: vec![d],
+        },
+    }
+}
+
+impl Program {
+    /// # Errors
+    /// Returns the syntax diagnostic when the text does not parse.
+    pub fn parse(source: &str) -> Result<Program, Diagnostic> {
+        syntax::parse(source).map(|file| Program { file })
+    }
+
+    pub fn model(&self, name: &str) -> Option<&ast::Model> {
+        self.file.models.iter().find(|m| m.name.name == name)
+    }
+
+    /// Checks every model of the file.
+    pub fn check(&self) -> CheckReport {
+        let mut diagnostics = self.check_names();
+        let mut models = Vec::new();
+        for model in &self.file.models {
+            let (report, mut found) = self.check_model(model);
+            diagnostics.append(&mut found);
+            models.push(report);
+        }
+        if self.file.models.is_empty() {
+            diagnostics.push(
+                Diagnostic::error(codes::MISSING_DECLARATION, "the file declares no model")
+                    .primary(0..0, "expected `model NAME { ... }`"),
+            );
+        }
+        diagnostics.sort_by_key(|d| d.primary_span().map_or(0, |s| s.start));
+        dedup_diagnostics(&mut diagnostics);
+        CheckReport {
+            models,
+            diagnostics,
+        }
+    }
+
+    /// Reports models and blocks declared twice, and blocks named like a
+    /// built-in layer.
+    fn check_names(&self) -> Vec<Diagnostic> {
+        let mut errors = Vec::new();
+        let models = self.file.models.iter().map(|m| &m.name);
+        duplicates(models, "model", &mut errors);
+        duplicates(self.file.blocks.iter().map(|b| &b.name), "block", &mut errors);
+        for model in &self.file.models {
+            duplicates(model_blocks(model).map(|b| &b.name), "block", &mut errors);
+        }
+        let all_blocks = self
+            .file
+            .blocks
+            .iter()
+            .chain(self.file.models.iter().flat_map(model_blocks));
+        for block in all_blocks {
+            if layers::find(&block.name.name).is_some() {
+                errors.push(
+                    Diagnostic::error(
+                        codes::DUPLICATE,
+                        format!("block `{}` has the name of a built-in layer", block.name.name),
+                    )
+                    .primary(block.name.span.clone(), "rename this block"),
+                );
+            }
+            for stmt in &block.body {
+                if let Some(span) = section_span(stmt) {
+                    errors.push(
+                        Diagnostic::error(
+                            codes::INVALID_ARGUMENT,
+                            "`search`, `train`, `budget`, `input` and `output` belong in a model, not in a block",
+                        )
+                        .primary(span, "move this into the model"),
+                    );
+                }
+            }
+        }
+        errors
+    }
+
+    /// Reads a model's search space.
+    pub fn space(&self, model: &ast::Model) -> (Space, Vec<Diagnostic>) {
+        let mut entries = Vec::new();
+        let mut errors = Vec::new();
+        let mut first_section: Option<&Span> = None;
+        for stmt in &model.body {
+            if let ast::Stmt::Search { entries: e, span } = stmt {
+                if let Some(first) = first_section {
+                    errors.push(second_section("search", span, first));
+                }
+                first_section.get_or_insert(span);
+                entries.extend(e.iter());
+            }
+        }
+        let block_names: Vec<&str> = model_blocks(model)
+            .chain(&self.file.blocks)
+            .map(|b| b.name.name.as_str())
+            .collect();
+        let (space, mut found) = search::parse_space(&entries, &block_names);
+        errors.append(&mut found);
+        (space, errors)
+    }
+
+    /// Elaborates `model` at `point` (completed with defaults), returning the
+    /// graph and the training recipe, or the errors that prevent them.
+    pub fn instantiate(
+        &self,
+        model: &ast::Model,
+        space: &Space,
+        point: &Point,
+    ) -> Result<Instance, Vec<Diagnostic>> {
+        let run = self.elaborate(model, space, point);
+        let errors: Vec<Diagnostic> = run.diagnostics.into_iter().filter(|d| d.is_error()).collect();
+        match (errors.is_empty(), run.instance) {
+            (true, Some(instance)) => Ok(instance),
+            _ => Err(errors),
+        }
+    }
+
+    fn elaborate(&self, model: &ast::Model, space: &Space, point: &Point) -> Elaboration {
+        let mut elaborator = Elaborator::new(&self.file, model, space, point);
+        elaborator.run();
+        let train = self.train_config(model, &mut elaborator);
+        let mut diagnostics = std::mem::take(&mut elaborator.diagnostics);
+        let has_errors = diagnostics.iter().any(Diagnostic::is_error);
+        let instance = match train {
+            Ok(train) if !has_errors => Some(Instance {
+                graph: std::mem::take(&mut elaborator.graph),
+                train,
+            }),
+            Ok(_) => None,
+            Err(mut errors) => {
+                diagnostics.append(&mut errors);
+                None
+            }
+        };
+        Elaboration {
+            diagnostics,
+            instance,
+            used_hparams: std::mem::take(&mut elaborator.used_hparams),
+            assigned: std::mem::take(&mut elaborator.assigned),
+            graph: elaborator.graph,
+        }
+    }
+
+    fn train_config(
+        &self,
+        model: &ast::Model,
+        elaborator: &mut Elaborator,
+    ) -> Result<TrainConfig, Vec<Diagnostic>> {
+        let mut settings = Vec::new();
+        let mut errors = Vec::new();
+        let mut first_section: Option<&Span> = None;
+        for stmt in &model.body {
+            let ast::Stmt::Train { settings: s, span } = stmt else {
+                continue;
+            };
+            if let Some(first) = first_section {
+                errors.push(second_section("train", span, first));
+            }
+            first_section.get_or_insert(span);
+            for setting in s {
+                // A failed value has already been reported by the elaborator.
+                if let Some(value) = elaborator.model_setting(&setting.value) {
+                    settings.push((setting, value));
+                }
+            }
+        }
+        let config = train::parse_train(&settings);
+        match (config, errors.is_empty()) {
+            (Ok(config), true) => Ok(config),
+            (Ok(_), false) => Err(errors),
+            (Err(mut more), _) => {
+                errors.append(&mut more);
+                Err(errors)
+            }
+        }
+    }
+
+    fn budget(&self, model: &ast::Model) -> (Budget, Vec<Diagnostic>) {
+        let mut budget = Budget::default();
+        let mut errors = Vec::new();
+        for stmt in &model.body {
+            let ast::Stmt::Budget { settings, .. } = stmt else {
+                continue;
+            };
+            for setting in settings {
+                let value = match &setting.value.kind {
+                    ast::ExprKind::Number { value, .. } if *value >= 0.0 => Some(*value as u64),
+                    _ => None,
+                };
+                let slot = match setting.key.name.as_str() {
+                    "params" => &mut budget.max_params,
+                    "macs" => &mut budget.max_macs,
+                    "memory" => &mut budget.max_activation_bytes,
+                    other => {
+                        errors.push(
+                            Diagnostic::error(
+                                codes::BAD_TRAIN_SETTING,
+                                format!("unknown budget `{other}`"),
+                            )
+                            .primary(setting.key.span.clone(), "unknown budget")
+                            .note("budgets are `params`, `macs` (per sample) and `memory` (activation bytes per sample)"),
+                        );
+                        continue;
+                    }
+                };
+                match value {
+                    Some(v) => *slot = Some(v),
+                    None => errors.push(
+                        Diagnostic::error(codes::BAD_TRAIN_SETTING, "a budget is a non-negative number")
+                            .primary(setting.value.span.clone(), "invalid budget"),
+                    ),
+                }
+            }
+        }
+        (budget, errors)
+    }
+
+    fn check_model(&self, model: &ast::Model) -> (ModelReport, Vec<Diagnostic>) {
+        let (space, mut diagnostics) = self.space(model);
+        let (budget, mut budget_errors) = self.budget(model);
+        diagnostics.append(&mut budget_errors);
+        let point = space.default_point();
+        let mut report = ModelReport {
+            name: model.name.name.clone(),
+            space: space.clone(),
+            point: point.clone(),
+            instance: None,
+            budget,
+            points_checked: 0,
+            points_cut: false,
+        };
+        if diagnostics.iter().any(Diagnostic::is_error) {
+            return (report, diagnostics);
+        }
+
+        let default_run = self.elaborate(model, &space, &point);
+        let mut used: HashSet<String> = default_run.used_hparams.clone();
+        diagnostics.extend(default_run.diagnostics.iter().cloned());
+        if default_run.instance.is_some() {
+            diagnostics.extend(unused_values(&default_run));
+        }
+        report.instance = default_run.instance;
+
+        if !space.is_empty() {
+            let seen: Vec<Diagnostic> = diagnostics.clone();
+            let (points, cut) = space.check_points(MAX_CHECKED_POINTS);
+            report.points_checked = points.len();
+            report.points_cut = cut;
+            for p in &points {
+                let run = self.elaborate(model, &space, p);
+                used.extend(run.used_hparams);
+                for d in run.diagnostics.into_iter().filter(Diagnostic::is_error) {
+                    let known = seen
+                        .iter()
+                        .chain(&diagnostics)
+                        .any(|s| s.code == d.code && s.primary_span() == d.primary_span());
+                    if !known {
+                        diagnostics.push(at_point(d, p));
+                    }
+                }
+            }
+        }
+        for hparam in &space.params {
+            if !used.contains(&hparam.name) {
+                diagnostics.push(
+                    Diagnostic::warning(
+                        codes::UNUSED_HPARAM,
+                        format!("hyperparameter `{}` is never used", hparam.name),
+                    )
+                    .primary(hparam.span.clone(), "declared here")
+                    .help("use it in a layer, a `repeat` count or the `train` section, or remove it"),
+                );
+            }
+        }
+        (report, diagnostics)
+    }
+}
+
+/// What one elaboration produced.
+struct Elaboration {
+    diagnostics: Vec<Diagnostic>,
+    instance: Option<Instance>,
+    used_hparams: HashSet<String>,
+    assigned: Vec<(String, Span, graph::NodeId)>,
+    /// The graph when the instance failed (for warnings); empty otherwise.
+    graph: Graph,
+}
+
+/// Warns about assigned values that do not reach the output.
+fn unused_values(run: &Elaboration) -> Vec<Diagnostic> {
+    let Some(instance) = &run.instance else {
+        return Vec::new();
+    };
+    let live = instance.graph.live();
+    let mut reported: HashSet<usize> = HashSet::new();
+    let mut live_spans: HashSet<usize> = HashSet::new();
+    for (_, span, node) in &run.assigned {
+        if live[node.index()] {
+            live_spans.insert(span.start);
+        }
+    }
+    let mut warnings = Vec::new();
+    for (name, span, node) in &run.assigned {
+        // A definition inside a block or `repeat` runs several times; it is
+        // unused only if no run of it reaches the output.
+        if live[node.index()] || live_spans.contains(&span.start) || !reported.insert(span.start) {
+            continue;
+        }
+        warnings.push(
+            Diagnostic::warning(codes::UNREACHABLE, format!("value `{name}` is never used"))
+                .primary(span.clone(), "does not reach the model's output")
+                .help("use it, or remove it; unused layers are not trained"),
+        );
+    }
+    let _ = &run.graph;
+    warnings
+}
+
+/// Prefixes a diagnostic with the point of the space where it occurs.
+fn at_point(mut d: Diagnostic, point: &Point) -> Diagnostic {
+    d.message = format!("with {point}: {}", d.message);
+    d.notes
+        .push("this happens only at some points of the search space".to_string());
+    d
+}
+
+fn duplicates<'a>(names: impl Iterator<Item = &'a ast::Ident>, what: &str, out: &mut Vec<Diagnostic>) {
+    let mut seen: Vec<&ast::Ident> = Vec::new();
+    for name in names {
+        if let Some(first) = seen.iter().find(|s| s.name == name.name) {
+            out.push(
+                Diagnostic::error(codes::DUPLICATE, format!("{what} `{}` is declared twice", name.name))
+                    .primary(name.span.clone(), "declared again here")
+                    .secondary(first.span.clone(), "first declared here"),
+            );
+        } else {
+            seen.push(name);
+        }
+    }
+}
+
+fn second_section(what: &str, span: &Span, first: &Span) -> Diagnostic {
+    Diagnostic::error(codes::DUPLICATE, format!("a model has at most one `{what}` section"))
+        .primary(span.clone(), "second section")
+        .secondary(first.clone(), "first section")
+        .help("merge the two sections")
+}
+
+fn section_span(stmt: &ast::Stmt) -> Option<Span> {
+    match stmt {
+        ast::Stmt::Search { span, .. }
+        | ast::Stmt::Train { span, .. }
+        | ast::Stmt::Budget { span, .. }
+        | ast::Stmt::Input { span, .. }
+        | ast::Stmt::Output { span, .. } => Some(span.clone()),
+        _ => None,
+    }
+}
+
+/// Removes repeats of the same diagnostic, which blocks and `repeat` bodies
+/// produce once per instance.
+fn dedup_diagnostics(diagnostics: &mut Vec<Diagnostic>) {
+    let mut seen: Vec<(&'static str, String, Option<Span>)> = Vec::new();
+    diagnostics.retain(|d| {
+        let key = (d.code, d.message.clone(), d.primary_span().cloned());
+        if seen.contains(&key) {
+            false
+        } else {
+            seen.push(key);
+            true
+        }
+    });
+}

@@ -1,0 +1,76 @@
+//! The command line: argument parsing, dispatch to one function per
+//! subcommand, and exit codes (0 success, 1 invalid model, 2 usage or I/O
+//! error).
+
+mod check;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "A declarative model-definition compiler for deep learning")]
+struct Cli {
+    /// More log output on stderr (-v debug, -vv trace); `KILN_LOG` overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a `.model` file: names, shapes and every point of its search
+    /// space. Prints a summary of each valid model.
+    Check {
+        /// The `.model` file.
+        file: PathBuf,
+        /// Output format of diagnostics and summaries.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// Exit statuses shared by every subcommand.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const INVALID_MODEL: u8 = 1;
+    pub const USAGE: u8 = 2;
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version requests print to stdout and succeed.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
+        }
+    };
+    init_logging(cli.verbose);
+    let status = match cli.command {
+        Command::Check { file, format } => check::run(&file, format),
+    };
+    ExitCode::from(status)
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,10 @@
+//! kiln: a declarative model-definition compiler for deep learning.
+//!
+//! The modules follow the pipeline that a `.model` file travels through:
+//! [`syntax`] parses it, [`check`] resolves names and infers shapes, and
+//! [`diag`] reports what is wrong. `ARCHITECTURE.md` describes each stage.
+
+pub mod check;
+pub mod cli;
+pub mod diag;
+pub mod syntax;

@@ -1,0 +1,7 @@
+//! The `kiln` command-line program; all logic lives in the library.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    kiln::cli::main()
+}
