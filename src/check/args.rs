@@ -69,11 +69,20 @@ pub const fn param(name: &'static str, kind: Kind, default: Default) -> Param {
 #[derive(Debug, Clone, PartialEq)]
 pub enum BindError {
     /// A keyword that the table does not have (index into the keywords given).
-    Unknown { index: usize },
-    Missing { name: &'static str },
-    Duplicate { index: usize },
+    Unknown {
+        index: usize,
+    },
+    Missing {
+        name: &'static str,
+    },
+    Duplicate {
+        index: usize,
+    },
     /// A value of the wrong kind (index into the keywords given).
-    Invalid { index: usize, expected: String },
+    Invalid {
+        index: usize,
+        expected: String,
+    },
 }
 
 /// Bound arguments: one value per parameter that has a value.
@@ -185,21 +194,32 @@ pub fn suggest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) ->
         .map(|(_, c)| c)
 }
 
-/// Levenshtein distance between two strings, counted in characters.
+/// Edit distance between two strings in characters, counting an adjacent
+/// transposition as one edit (optimal string alignment), so `imgae` is one
+/// edit from `image`.
 fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut diagonal = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let above = row[j + 1];
-            let cost = usize::from(ca != *cb);
-            row[j + 1] = (above + 1).min(row[j] + 1).min(diagonal + cost);
-            diagonal = above;
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
         }
     }
-    row[b.len()]
+    d[a.len()][b.len()]
 }
 
 #[cfg(test)]
@@ -210,6 +230,7 @@ mod tests {
     fn suggest_finds_typo() {
         assert_eq!(suggest("fliters", ["filters", "kernel"]), Some("filters"));
         assert_eq!(suggest("xyz", ["filters", "kernel"]), None);
+        assert_eq!(suggest("imgae", ["image", "x"]), Some("image"));
     }
 
     #[test]

@@ -17,12 +17,18 @@ use std::collections::{HashMap, HashSet};
 
 /// Limits that keep a hostile or mistaken file from exhausting memory.
 const MAX_NODES: usize = 100_000;
+/// The largest value per sample, in elements: 2^31, which also keeps byte
+/// offsets of a batch within 64 bits.
+const MAX_VALUE_ELEMENTS: usize = 1 << 31;
 const MAX_BLOCK_DEPTH: usize = 64;
 
 /// A value name's binding inside a frame.
 #[derive(Clone)]
 enum Binding {
-    Tensor { node: NodeId, def: Span },
+    Tensor {
+        node: NodeId,
+        def: Span,
+    },
     Shared(usize),
     /// A value whose definition failed; its uses report nothing more.
     Failed,
@@ -148,7 +154,15 @@ impl<'p> Elaborator<'p> {
         self.setting(&frame, expr)
     }
 
-    fn error(&mut self, diagnostic: Diagnostic) {
+    fn error(&mut self, mut diagnostic: Diagnostic) {
+        if diagnostic.code == codes::UNKNOWN_HPARAM {
+            // The name sits in the first backticks of the message.
+            let name = diagnostic.message.split('`').nth(1).unwrap_or_default();
+            let declared = self.space.params.iter().map(|p| p.name.as_str());
+            if let Some(close) = suggest(name, declared) {
+                diagnostic.help = Some(format!("did you mean `{close}`?"));
+            }
+        }
         self.diagnostics.push(diagnostic);
     }
 
@@ -184,7 +198,8 @@ impl<'p> Elaborator<'p> {
                 Stmt::Repeat { count, body, .. } => self.repeat(frame, count, body),
                 // Blocks are looked up by name at each call; the sections are
                 // read by the model checker.
-                Stmt::Block(_) | Stmt::Search { .. } | Stmt::Train { .. } | Stmt::Budget { .. } => {}
+                Stmt::Block(_) | Stmt::Search { .. } | Stmt::Train { .. } | Stmt::Budget { .. } => {
+                }
             }
         }
     }
@@ -192,8 +207,11 @@ impl<'p> Elaborator<'p> {
     fn input(&mut self, frame: &mut Frame<'p>, name: &ast::Ident, dims: &[Expr], span: &Span) {
         if frame.values.contains_key(&name.name) {
             self.error(
-                Diagnostic::error(codes::DUPLICATE, format!("input `{}` is declared twice", name.name))
-                    .primary(name.span.clone(), "declared again here"),
+                Diagnostic::error(
+                    codes::DUPLICATE,
+                    format!("input `{}` is declared twice", name.name),
+                )
+                .primary(name.span.clone(), "declared again here"),
             );
             return;
         }
@@ -201,7 +219,19 @@ impl<'p> Elaborator<'p> {
         for dim in dims {
             let value = self.setting(frame, dim);
             match value.as_ref().and_then(Value::as_i64) {
-                Some(d) if d > 0 => shape.push(d as usize),
+                Some(d) if d > 0 && d <= layers::MAX_SIZE_SETTING => shape.push(d as usize),
+                Some(d) if d > 0 => {
+                    return self.error(
+                        Diagnostic::error(
+                            codes::INVALID_ARGUMENT,
+                            format!(
+                                "input dimension {d} is larger than the maximum {}",
+                                layers::MAX_SIZE_SETTING
+                            ),
+                        )
+                        .primary(dim.span.clone(), "too large"),
+                    )
+                }
                 Some(d) => {
                     return self.error(
                         Diagnostic::error(
@@ -213,8 +243,11 @@ impl<'p> Elaborator<'p> {
                 }
                 None if value.is_some() => {
                     return self.error(
-                        Diagnostic::error(codes::INVALID_ARGUMENT, "input dimensions must be integers")
-                            .primary(dim.span.clone(), "not an integer"),
+                        Diagnostic::error(
+                            codes::INVALID_ARGUMENT,
+                            "input dimensions must be integers",
+                        )
+                        .primary(dim.span.clone(), "not an integer"),
                     )
                 }
                 None => return,
@@ -279,7 +312,10 @@ impl<'p> Elaborator<'p> {
     fn declare_shared(&mut self, frame: &mut Frame<'p>, name: &ast::Ident, call: &'p Call) {
         frame.values.insert(name.name.clone(), Binding::Failed);
         let Some(spec) = layers::find(&call.callee.name) else {
-            let message = format!("`layer` takes a built-in layer, found `{}`", call.callee.name);
+            let message = format!(
+                "`layer` takes a built-in layer, found `{}`",
+                call.callee.name
+            );
             return self.error(
                 Diagnostic::error(codes::UNKNOWN_LAYER, message)
                     .primary(call.callee.span.clone(), "not a built-in layer")
@@ -290,10 +326,16 @@ impl<'p> Elaborator<'p> {
             return self.error(
                 Diagnostic::error(
                     codes::INVALID_ARGUMENT,
-                    format!("shared layer `{}` takes its input where it is used", name.name),
+                    format!(
+                        "shared layer `{}` takes its input where it is used",
+                        name.name
+                    ),
                 )
                 .primary(extra.span.clone(), "remove this input")
-                .help(format!("write `y = {}(x)` where the layer is applied", name.name)),
+                .help(format!(
+                    "write `y = {}(x)` where the layer is applied",
+                    name.name
+                )),
             );
         }
         let Some(keywords) = self.keywords(frame, call) else {
@@ -381,14 +423,23 @@ impl<'p> Elaborator<'p> {
 
     /// Explains a name that is not defined at this point of a frame: defined
     /// later (a use before definition, possibly a cycle) or not at all.
-    fn undefined_value(&self, frame: &Frame<'p>, name: &str, span: &Span, value: &str) -> Diagnostic {
+    fn undefined_value(
+        &self,
+        frame: &Frame<'p>,
+        name: &str,
+        span: &Span,
+        value: &str,
+    ) -> Diagnostic {
         if let Some(later) = find_assignment(frame.body, name) {
             let mut d = Diagnostic::error(
                 codes::USE_BEFORE_DEFINITION,
                 format!("`{name}` is used before it is defined"),
             )
             .primary(span.clone(), "used here")
-            .secondary(later.0.span.clone(), format!("`{name}` is defined here, later"));
+            .secondary(
+                later.0.span.clone(),
+                format!("`{name}` is defined here, later"),
+            );
             if mentions(later.1, value) {
                 d = d.note(format!(
                     "`{name}` depends on `{value}` and `{value}` on `{name}`: a model's graph cannot contain a cycle"
@@ -423,8 +474,15 @@ impl<'p> Elaborator<'p> {
         }
         match callee {
             Callee::Layer(spec) => {
-                let nodes =
-                    self.apply_layer(frame, spec, &call.span, &keywords, &inputs, value, Some(call))?;
+                let nodes = self.apply_layer(
+                    frame,
+                    spec,
+                    &call.span,
+                    &keywords,
+                    &inputs,
+                    value,
+                    Some(call),
+                )?;
                 nodes.last().copied()
             }
             Callee::Block(block, scope) => {
@@ -448,14 +506,15 @@ impl<'p> Elaborator<'p> {
             .or_else(|| self.hparam_value(frame, name, &call.callee.span));
         if let Some(value) = bound {
             return match &value {
-                Value::Block(block) | Value::Word(block) => {
-                    self.callee_by_name(frame, block, call)
-                }
+                Value::Block(block) | Value::Word(block) => self.callee_by_name(frame, block, call),
                 other => {
                     self.error(
                         Diagnostic::error(
                             codes::UNKNOWN_LAYER,
-                            format!("`{name}` is {} `{other}`, not a layer or block", other.kind_name()),
+                            format!(
+                                "`{name}` is {} `{other}`, not a layer or block",
+                                other.kind_name()
+                            ),
                         )
                         .primary(call.callee.span.clone(), "cannot be called"),
                     );
@@ -473,8 +532,14 @@ impl<'p> Elaborator<'p> {
         if let Some((block, scope)) = self.find_block(frame, name) {
             return Some(Callee::Block(block, scope));
         }
-        let mut d = Diagnostic::error(codes::UNKNOWN_LAYER, format!("unknown layer or block `{name}`"))
-            .primary(call.callee.span.clone(), "not a built-in layer or a declared block");
+        let mut d = Diagnostic::error(
+            codes::UNKNOWN_LAYER,
+            format!("unknown layer or block `{name}`"),
+        )
+        .primary(
+            call.callee.span.clone(),
+            "not a built-in layer or a declared block",
+        );
         let candidates = layers::LAYERS
             .iter()
             .map(|l| l.name)
@@ -598,7 +663,10 @@ impl<'p> Elaborator<'p> {
             self.error(
                 Diagnostic::error(
                     codes::INVALID_ARGUMENT,
-                    format!("shared layer `{}` takes no settings at its use", call.callee.name),
+                    format!(
+                        "shared layer `{}` takes no settings at its use",
+                        call.callee.name
+                    ),
                 )
                 .primary(key.0.span.clone(), "set this where the layer is declared"),
             );
@@ -631,7 +699,7 @@ impl<'p> Elaborator<'p> {
         let pairs = self.shared[index].keywords.clone();
         let keywords: Vec<KeywordArg> = Vec::new();
         let args = bind(spec.params, &pairs).ok()?;
-        let built = match layers::build(spec, &args, &[shape.clone()]) {
+        let built = match layers::build(spec, &args, std::slice::from_ref(&shape)) {
             Ok(built) => built,
             Err(e) => {
                 let spans = vec![(inputs[0].0.clone(), self.definition_of(frame, inputs[0].1))];
@@ -680,7 +748,10 @@ impl<'p> Elaborator<'p> {
                     ),
                 )
                 .primary(call.span.clone(), "wrong number of inputs")
-                .secondary(block.name.span.clone(), format!("`{name}` is declared here")),
+                .secondary(
+                    block.name.span.clone(),
+                    format!("`{name}` is declared here"),
+                ),
             );
             return None;
         }
@@ -743,7 +814,10 @@ impl<'p> Elaborator<'p> {
                     format!("unknown argument `{}` for block `{name}`", arg.key.name),
                 )
                 .primary(arg.key.span.clone(), "unknown argument")
-                .secondary(block.name.span.clone(), format!("`{name}` is declared here"));
+                .secondary(
+                    block.name.span.clone(),
+                    format!("`{name}` is declared here"),
+                );
                 d = match suggest(&arg.key.name, declared.iter().copied()) {
                     Some(close) => d.help(format!("did you mean `{close}`?")),
                     None if declared.is_empty() => d.note(format!("`{name}` takes no settings")),
@@ -781,7 +855,9 @@ impl<'p> Elaborator<'p> {
                 return None;
             };
             let value = self.setting(&defaults_frame, default)?;
-            defaults_frame.settings.insert(param.name.clone(), value.clone());
+            defaults_frame
+                .settings
+                .insert(param.name.clone(), value.clone());
             settings.insert(param.name.clone(), value);
         }
         let _ = frame;
@@ -803,7 +879,11 @@ impl<'p> Elaborator<'p> {
         }
         let condition = hparam.condition.as_ref().map_or(String::new(), |c| {
             let values: Vec<String> = c.values.iter().map(ToString::to_string).collect();
-            format!(": it exists only when `{}` is {}", c.param, values.join(" or "))
+            format!(
+                ": it exists only when `{}` is {}",
+                c.param,
+                values.join(" or ")
+            )
         });
         self.error(
             Diagnostic::error(
@@ -917,8 +997,11 @@ impl<'p> Elaborator<'p> {
         };
         if !result.is_finite() {
             self.error(
-                Diagnostic::error(codes::INVALID_ARGUMENT, "arithmetic does not give a finite number")
-                    .primary(span.clone(), format!("evaluates to {result}")),
+                Diagnostic::error(
+                    codes::INVALID_ARGUMENT,
+                    "arithmetic does not give a finite number",
+                )
+                .primary(span.clone(), format!("evaluates to {result}")),
             );
             return None;
         }
@@ -928,7 +1011,10 @@ impl<'p> Elaborator<'p> {
     fn arithmetic_error(&mut self, span: &Span, value: &Value) {
         let message = match value {
             Value::Word(w) => format!("unknown hyperparameter `{w}`"),
-            other => format!("arithmetic needs numbers, found {} `{other}`", other.kind_name()),
+            other => format!(
+                "arithmetic needs numbers, found {} `{other}`",
+                other.kind_name()
+            ),
         };
         let code = if matches!(value, Value::Word(_)) {
             codes::UNKNOWN_HPARAM
@@ -940,7 +1026,14 @@ impl<'p> Elaborator<'p> {
 
     // ------------------------------------------------------------ graph
 
-    fn push_node(&mut self, name: &str, op: Op, inputs: Vec<NodeId>, shape: Shape, span: Span) -> NodeId {
+    fn push_node(
+        &mut self,
+        name: &str,
+        op: Op,
+        inputs: Vec<NodeId>,
+        shape: Shape,
+        span: Span,
+    ) -> NodeId {
         if self.graph.nodes.len() >= MAX_NODES && !self.aborted {
             self.aborted = true;
             self.error(
@@ -950,6 +1043,16 @@ impl<'p> Elaborator<'p> {
                 )
                 .primary(span.clone(), "the limit was reached here")
                 .note("check `repeat` counts and blocks that instantiate each other"),
+            );
+        }
+        if shape.numel() > MAX_VALUE_ELEMENTS && !self.aborted {
+            self.aborted = true;
+            self.error(
+                Diagnostic::error(
+                    codes::INVALID_ARGUMENT,
+                    format!("`{name}` would hold {shape}, more than {MAX_VALUE_ELEMENTS} elements per sample"),
+                )
+                .primary(span.clone(), "value too large"),
             );
         }
         let mut unique = name.to_string();
@@ -1014,8 +1117,11 @@ impl<'p> Elaborator<'p> {
                 Some(d) if d > 0 => declared.push(d as usize),
                 _ => {
                     return self.error(
-                        Diagnostic::error(codes::INVALID_ARGUMENT, "output dimensions must be positive integers")
-                            .primary(dim.span.clone(), "invalid dimension"),
+                        Diagnostic::error(
+                            codes::INVALID_ARGUMENT,
+                            "output dimensions must be positive integers",
+                        )
+                        .primary(dim.span.clone(), "invalid dimension"),
                     )
                 }
             }

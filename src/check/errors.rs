@@ -71,7 +71,10 @@ fn invalid_value(arg: &KeywordArg, kind: Option<Kind>, expected: &str) -> Diagno
             codes::UNKNOWN_HPARAM,
             format!("unknown hyperparameter `{word}`"),
         )
-        .primary(arg.expr.span.clone(), "not a number or a declared hyperparameter")
+        .primary(
+            arg.expr.span.clone(),
+            "not a number or a declared hyperparameter",
+        )
         .help(format!(
             "declare it in the model's `search` section, or write a number for `{}`",
             arg.key.name
@@ -168,7 +171,10 @@ pub fn layer_error(
         )
         .primary(
             call_span.clone(),
-            format!("the {size}x{size} window does not fit the {}x{} input", input.0[1], input.0[2]),
+            format!(
+                "the {size}x{size} window does not fit the {}x{} input",
+                input.0[1], input.0[2]
+            ),
         )
         .help("use `padding = same`, a smaller window, or less downsampling before it"),
         LayerError::AddMismatch { left, right } => {

@@ -21,8 +21,9 @@ impl NodeId {
 pub struct Shape(pub Vec<usize>);
 
 impl Shape {
+    /// Elements per sample, saturating at `usize::MAX` for absurd shapes.
     pub fn numel(&self) -> usize {
-        self.0.iter().product()
+        self.0.iter().fold(1usize, |n, d| n.saturating_mul(*d))
     }
 
     pub fn rank(&self) -> usize {
@@ -84,11 +85,15 @@ pub struct Pool2d {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Activation {
     Relu,
-    LeakyRelu { slope: f64 },
+    LeakyRelu {
+        slope: f64,
+    },
     Sigmoid,
     Tanh,
     /// GELU, exact (erf) or with the tanh approximation.
-    Gelu { tanh: bool },
+    Gelu {
+        tanh: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -156,12 +161,16 @@ impl Op {
                 in_features,
                 units,
                 bias,
-            } => in_features * units + if bias { units } else { 0 },
-            Op::Conv(c) => {
-                c.kernel * c.kernel * (c.in_channels / c.groups) * c.filters
-                    + if c.bias { c.filters } else { 0 }
-            }
-            Op::BatchNorm { channels, .. } => 2 * channels,
+            } => in_features
+                .saturating_mul(units)
+                .saturating_add(if bias { units } else { 0 }),
+            Op::Conv(c) => c
+                .kernel
+                .saturating_mul(c.kernel)
+                .saturating_mul(c.in_channels / c.groups)
+                .saturating_mul(c.filters)
+                .saturating_add(if c.bias { c.filters } else { 0 }),
+            Op::BatchNorm { channels, .. } => channels.saturating_mul(2),
             _ => 0,
         }
     }
@@ -169,7 +178,7 @@ impl Op {
     /// Non-trainable state: batch normalization's running mean and variance.
     pub fn state(&self) -> usize {
         match *self {
-            Op::BatchNorm { channels, .. } => 2 * channels,
+            Op::BatchNorm { channels, .. } => channels.saturating_mul(2),
             _ => 0,
         }
     }
@@ -180,10 +189,10 @@ impl Op {
         match *self {
             Op::Dense {
                 in_features, units, ..
-            } => (in_features * units) as u64,
+            } => in_features.saturating_mul(units) as u64,
             Op::Conv(c) => {
-                let per_output = c.kernel * c.kernel * (c.in_channels / c.groups);
-                (shape.numel() * per_output) as u64
+                let per_output = c.kernel.saturating_mul(c.kernel) * (c.in_channels / c.groups);
+                shape.numel().saturating_mul(per_output) as u64
             }
             _ => 0,
         }
@@ -243,7 +252,9 @@ impl Graph {
     }
 
     pub fn params(&self) -> usize {
-        self.nodes.iter().map(Node::params).sum()
+        self.nodes
+            .iter()
+            .fold(0usize, |n, node| n.saturating_add(node.params()))
     }
 
     /// Non-trainable parameters (running statistics).
@@ -251,17 +262,20 @@ impl Graph {
         self.nodes
             .iter()
             .filter(|n| n.shares_weights_of.is_none())
-            .map(|n| n.op.state())
-            .sum()
+            .fold(0usize, |n, node| n.saturating_add(node.op.state()))
     }
 
     pub fn macs(&self) -> u64 {
-        self.nodes.iter().map(Node::macs).sum()
+        self.nodes
+            .iter()
+            .fold(0u64, |n, node| n.saturating_add(node.macs()))
     }
 
     /// Floats of activations per sample: the outputs of every node.
     pub fn activation_floats(&self) -> usize {
-        self.nodes.iter().map(|n| n.shape.numel()).sum()
+        self.nodes
+            .iter()
+            .fold(0usize, |n, node| n.saturating_add(node.shape.numel()))
     }
 
     /// Nodes from which the output can be reached.

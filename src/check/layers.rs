@@ -169,13 +169,19 @@ pub fn find(name: &str) -> Option<&'static LayerSpec> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum LayerError {
     /// A parameter that must be positive is not.
-    NotPositive { param: &'static str, value: i64 },
+    NotPositive {
+        param: &'static str,
+        value: i64,
+    },
     /// A parameter outside its valid range, with the reason.
     Invalid {
         param: &'static str,
         message: String,
     },
-    WrongRank { expected: &'static str, found: Shape },
+    WrongRank {
+        expected: &'static str,
+        found: Shape,
+    },
     /// A convolution kernel larger than its (padded) input.
     KernelTooLarge {
         kernel: usize,
@@ -188,9 +194,15 @@ pub enum LayerError {
         input: Shape,
         output: (usize, usize),
     },
-    AddMismatch { left: Shape, right: Shape },
+    AddMismatch {
+        left: Shape,
+        right: Shape,
+    },
     /// `index` is the first input whose shape disagrees with input 0.
-    ConcatMismatch { index: usize, shapes: Vec<Shape> },
+    ConcatMismatch {
+        index: usize,
+        shapes: Vec<Shape>,
+    },
 }
 
 /// Applies a layer's shape rule: returns the operators it becomes (one, or two
@@ -334,15 +346,23 @@ pub fn build(
     }
 }
 
+/// The largest size setting accepted (filters, units, kernel, stride, ...).
+/// It keeps every parameter and MAC count far from overflow; real layers are
+/// orders of magnitude smaller.
+pub const MAX_SIZE_SETTING: i64 = 1 << 20;
+
 fn positive(args: &Args, name: &'static str) -> Result<usize, LayerError> {
     let value = args.int(name);
     if value <= 0 {
         return Err(LayerError::NotPositive { param: name, value });
     }
-    usize::try_from(value).map_err(|_| LayerError::Invalid {
-        param: name,
-        message: format!("{value} is too large"),
-    })
+    if value > MAX_SIZE_SETTING {
+        return Err(LayerError::Invalid {
+            param: name,
+            message: format!("{value} is larger than the maximum {MAX_SIZE_SETTING}"),
+        });
+    }
+    Ok(value as usize)
 }
 
 fn image(x: &Shape) -> Result<(usize, usize, usize), LayerError> {
@@ -439,9 +459,9 @@ fn pool2d(args: &Args, x: &Shape, kind: PoolKind) -> Result<(Pool2d, Shape), Lay
 
 fn concat(inputs: &[Shape]) -> Result<Vec<(Op, Shape)>, LayerError> {
     let first = &inputs[0];
-    let mismatch = inputs.iter().position(|s| {
-        s.rank() != first.rank() || s.rank() == 0 || s.0[1..] != first.0[1..]
-    });
+    let mismatch = inputs
+        .iter()
+        .position(|s| s.rank() != first.rank() || s.rank() == 0 || s.0[1..] != first.0[1..]);
     if let Some(index) = mismatch {
         return Err(LayerError::ConcatMismatch {
             index,

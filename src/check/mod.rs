@@ -28,6 +28,11 @@ use train::TrainConfig;
 /// How many points of a search space the checker visits at most.
 pub const MAX_CHECKED_POINTS: usize = 2048;
 
+/// How many layer instances the search-space check builds at most, summed
+/// over all points, so that a huge space of huge models still checks in
+/// seconds.
+const MAX_CHECKED_NODES: usize = 2_000_000;
+
 /// A parsed file, ready to be checked or instantiated at any point.
 pub struct Program {
     pub file: ast::File,
@@ -53,7 +58,11 @@ impl Budget {
         let checks = [
             (self.max_params, params, "parameters"),
             (self.max_macs, macs, "MACs per sample"),
-            (self.max_activation_bytes, bytes, "activation bytes per sample"),
+            (
+                self.max_activation_bytes,
+                bytes,
+                "activation bytes per sample",
+            ),
         ];
         checks.iter().find_map(|(limit, actual, what)| {
             limit
@@ -147,7 +156,11 @@ impl Program {
         let mut errors = Vec::new();
         let models = self.file.models.iter().map(|m| &m.name);
         duplicates(models, "model", &mut errors);
-        duplicates(self.file.blocks.iter().map(|b| &b.name), "block", &mut errors);
+        duplicates(
+            self.file.blocks.iter().map(|b| &b.name),
+            "block",
+            &mut errors,
+        );
         for model in &self.file.models {
             duplicates(model_blocks(model).map(|b| &b.name), "block", &mut errors);
         }
@@ -161,7 +174,10 @@ impl Program {
                 errors.push(
                     Diagnostic::error(
                         codes::DUPLICATE,
-                        format!("block `{}` has the name of a built-in layer", block.name.name),
+                        format!(
+                            "block `{}` has the name of a built-in layer",
+                            block.name.name
+                        ),
                     )
                     .primary(block.name.span.clone(), "rename this block"),
                 );
@@ -213,7 +229,11 @@ impl Program {
         point: &Point,
     ) -> Result<Instance, Vec<Diagnostic>> {
         let run = self.elaborate(model, space, point);
-        let errors: Vec<Diagnostic> = run.diagnostics.into_iter().filter(|d| d.is_error()).collect();
+        let errors: Vec<Diagnostic> = run
+            .diagnostics
+            .into_iter()
+            .filter(|d| d.is_error())
+            .collect();
         match (errors.is_empty(), run.instance) {
             (true, Some(instance)) => Ok(instance),
             _ => Err(errors),
@@ -238,11 +258,13 @@ impl Program {
             }
         };
         Elaboration {
+            nodes_built: instance
+                .as_ref()
+                .map_or(elaborator.graph.nodes.len(), |i| i.graph.nodes.len()),
             diagnostics,
             instance,
             used_hparams: std::mem::take(&mut elaborator.used_hparams),
             assigned: std::mem::take(&mut elaborator.assigned),
-            graph: elaborator.graph,
         }
     }
 
@@ -311,8 +333,11 @@ impl Program {
                 match value {
                     Some(v) => *slot = Some(v),
                     None => errors.push(
-                        Diagnostic::error(codes::BAD_TRAIN_SETTING, "a budget is a non-negative number")
-                            .primary(setting.value.span.clone(), "invalid budget"),
+                        Diagnostic::error(
+                            codes::BAD_TRAIN_SETTING,
+                            "a budget is a non-negative number",
+                        )
+                        .primary(setting.value.span.clone(), "invalid budget"),
                     ),
                 }
             }
@@ -341,23 +366,28 @@ impl Program {
         let default_run = self.elaborate(model, &space, &point);
         let mut used: HashSet<String> = default_run.used_hparams.clone();
         diagnostics.extend(default_run.diagnostics.iter().cloned());
-        if default_run.instance.is_some() {
-            diagnostics.extend(unused_values(&default_run));
-        }
+        diagnostics.extend(unused_values(&default_run));
         report.instance = default_run.instance;
 
-        if !space.is_empty() {
-            let seen: Vec<Diagnostic> = diagnostics.clone();
+        // The rest of the space is checked only when the default point is
+        // valid: its errors come first, and they would repeat at every point.
+        let default_ok = report.instance.is_some();
+        if default_ok && !space.is_empty() {
             let (points, cut) = space.check_points(MAX_CHECKED_POINTS);
-            report.points_checked = points.len();
             report.points_cut = cut;
+            let mut nodes_built = 0usize;
             for p in &points {
+                if nodes_built > MAX_CHECKED_NODES {
+                    report.points_cut = true;
+                    break;
+                }
                 let run = self.elaborate(model, &space, p);
+                report.points_checked += 1;
+                nodes_built += run.nodes_built;
                 used.extend(run.used_hparams);
                 for d in run.diagnostics.into_iter().filter(Diagnostic::is_error) {
-                    let known = seen
+                    let known = diagnostics
                         .iter()
-                        .chain(&diagnostics)
                         .any(|s| s.code == d.code && s.primary_span() == d.primary_span());
                     if !known {
                         diagnostics.push(at_point(d, p));
@@ -365,7 +395,7 @@ impl Program {
                 }
             }
         }
-        for hparam in &space.params {
+        for hparam in space.params.iter().filter(|_| default_ok) {
             if !used.contains(&hparam.name) {
                 diagnostics.push(
                     Diagnostic::warning(
@@ -373,7 +403,9 @@ impl Program {
                         format!("hyperparameter `{}` is never used", hparam.name),
                     )
                     .primary(hparam.span.clone(), "declared here")
-                    .help("use it in a layer, a `repeat` count or the `train` section, or remove it"),
+                    .help(
+                        "use it in a layer, a `repeat` count or the `train` section, or remove it",
+                    ),
                 );
             }
         }
@@ -383,12 +415,11 @@ impl Program {
 
 /// What one elaboration produced.
 struct Elaboration {
+    nodes_built: usize,
     diagnostics: Vec<Diagnostic>,
     instance: Option<Instance>,
     used_hparams: HashSet<String>,
     assigned: Vec<(String, Span, graph::NodeId)>,
-    /// The graph when the instance failed (for warnings); empty otherwise.
-    graph: Graph,
 }
 
 /// Warns about assigned values that do not reach the output.
@@ -417,7 +448,6 @@ fn unused_values(run: &Elaboration) -> Vec<Diagnostic> {
                 .help("use it, or remove it; unused layers are not trained"),
         );
     }
-    let _ = &run.graph;
     warnings
 }
 
@@ -429,14 +459,21 @@ fn at_point(mut d: Diagnostic, point: &Point) -> Diagnostic {
     d
 }
 
-fn duplicates<'a>(names: impl Iterator<Item = &'a ast::Ident>, what: &str, out: &mut Vec<Diagnostic>) {
+fn duplicates<'a>(
+    names: impl Iterator<Item = &'a ast::Ident>,
+    what: &str,
+    out: &mut Vec<Diagnostic>,
+) {
     let mut seen: Vec<&ast::Ident> = Vec::new();
     for name in names {
         if let Some(first) = seen.iter().find(|s| s.name == name.name) {
             out.push(
-                Diagnostic::error(codes::DUPLICATE, format!("{what} `{}` is declared twice", name.name))
-                    .primary(name.span.clone(), "declared again here")
-                    .secondary(first.span.clone(), "first declared here"),
+                Diagnostic::error(
+                    codes::DUPLICATE,
+                    format!("{what} `{}` is declared twice", name.name),
+                )
+                .primary(name.span.clone(), "declared again here")
+                .secondary(first.span.clone(), "first declared here"),
             );
         } else {
             seen.push(name);
@@ -445,10 +482,13 @@ fn duplicates<'a>(names: impl Iterator<Item = &'a ast::Ident>, what: &str, out: 
 }
 
 fn second_section(what: &str, span: &Span, first: &Span) -> Diagnostic {
-    Diagnostic::error(codes::DUPLICATE, format!("a model has at most one `{what}` section"))
-        .primary(span.clone(), "second section")
-        .secondary(first.clone(), "first section")
-        .help("merge the two sections")
+    Diagnostic::error(
+        codes::DUPLICATE,
+        format!("a model has at most one `{what}` section"),
+    )
+    .primary(span.clone(), "second section")
+    .secondary(first.clone(), "first section")
+    .help("merge the two sections")
 }
 
 fn section_span(stmt: &ast::Stmt) -> Option<Span> {

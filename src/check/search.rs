@@ -16,9 +16,12 @@ pub fn parse_space(entries: &[&SearchEntry], block_names: &[&str]) -> (Space, Ve
         let name = &entry.name.name;
         if let Some(earlier) = space.get(name) {
             errors.push(
-                Diagnostic::error(codes::DUPLICATE, format!("hyperparameter `{name}` is declared twice"))
-                    .primary(entry.name.span.clone(), "declared again here")
-                    .secondary(earlier.span.clone(), "first declared here"),
+                Diagnostic::error(
+                    codes::DUPLICATE,
+                    format!("hyperparameter `{name}` is declared twice"),
+                )
+                .primary(entry.name.span.clone(), "declared again here")
+                .secondary(earlier.span.clone(), "first declared here"),
             );
             continue;
         }
@@ -90,7 +93,10 @@ fn parse_condition(
     let Some(parent) = space.get(&c.param.name) else {
         return Err(Diagnostic::error(
             codes::BAD_CONDITION,
-            format!("condition on `{}`, which is not declared above", c.param.name),
+            format!(
+                "condition on `{}`, which is not declared above",
+                c.param.name
+            ),
         )
         .primary(c.param.span.clone(), "not declared before this line")
         .help("declare the hyperparameter a condition tests before the ones that depend on it"));
@@ -116,7 +122,9 @@ fn parse_condition(
 }
 
 fn keyword<'a>(call: &'a Call, name: &str) -> Option<&'a Expr> {
-    call.keywords().find(|(k, _)| k.name == name).map(|(_, e)| e)
+    call.keywords()
+        .find(|(k, _)| k.name == name)
+        .map(|(_, e)| e)
 }
 
 /// Rejects keywords that a domain does not take.
@@ -128,7 +136,11 @@ fn check_keywords(call: &Call, allowed: &[&str]) -> Result<(), Diagnostic> {
                 format!("unknown argument `{}` for `{}`", key.name, call.callee.name),
             )
             .primary(key.span.clone(), "unknown argument")
-            .note(format!("`{}` takes {}", call.callee.name, allowed.join(", "))));
+            .note(format!(
+                "`{}` takes {}",
+                call.callee.name,
+                allowed.join(", ")
+            )));
         }
     }
     Ok(())
@@ -146,8 +158,14 @@ fn bounds<'a>(call: &'a Call, blocks: &[&str]) -> Result<(&'a Expr, &'a Expr, bo
                 codes::BAD_DOMAIN,
                 format!("`{}` takes a low and a high bound", call.callee.name),
             )
-            .primary(call.span.clone(), format!("found {} positional arguments", positional.len()))
-            .help(format!("write `{}(low, high)`, optionally followed by `log`", call.callee.name)))
+            .primary(
+                call.span.clone(),
+                format!("found {} positional arguments", positional.len()),
+            )
+            .help(format!(
+                "write `{}(low, high)`, optionally followed by `log`",
+                call.callee.name
+            )))
         }
     };
     let mut log = match scale.map(|s| constant(s, blocks)).transpose()? {
@@ -159,7 +177,10 @@ fn bounds<'a>(call: &'a Call, blocks: &[&str]) -> Result<(&'a Expr, &'a Expr, bo
                 codes::BAD_DOMAIN,
                 format!("invalid scale `{other}`: expected `log` or `linear`"),
             )
-            .primary(scale.map_or(call.span.clone(), |s| s.span.clone()), "invalid scale"))
+            .primary(
+                scale.map_or(call.span.clone(), |s| s.span.clone()),
+                "invalid scale",
+            ))
         }
     };
     if let Some(expr) = keyword(call, "log") {
@@ -180,10 +201,16 @@ fn bounds<'a>(call: &'a Call, blocks: &[&str]) -> Result<(&'a Expr, &'a Expr, bo
 fn reversed(call: &Call, low: &Expr, high: &Expr, lo: &Value, hi: &Value) -> Diagnostic {
     Diagnostic::error(
         codes::BAD_RANGE,
-        format!("empty range: `{}({lo}, {hi})` has its low bound above its high bound", call.callee.name),
+        format!(
+            "empty range: `{}({lo}, {hi})` has its low bound above its high bound",
+            call.callee.name
+        ),
     )
     .primary(low.span.start..high.span.end, "low > high")
-    .help(format!("swap the bounds: `{}({hi}, {lo})`", call.callee.name))
+    .help(format!(
+        "swap the bounds: `{}({hi}, {lo})`",
+        call.callee.name
+    ))
 }
 
 fn int_domain(call: &Call, blocks: &[&str]) -> Result<Domain, Diagnostic> {
@@ -192,7 +219,13 @@ fn int_domain(call: &Call, blocks: &[&str]) -> Result<Domain, Diagnostic> {
     let low = integer(low_expr, blocks)?;
     let high = integer(high_expr, blocks)?;
     if low > high {
-        return Err(reversed(call, low_expr, high_expr, &Value::Int(low), &Value::Int(high)));
+        return Err(reversed(
+            call,
+            low_expr,
+            high_expr,
+            &Value::Int(low),
+            &Value::Int(high),
+        ));
     }
     let step = match keyword(call, "step") {
         Some(expr) => integer(expr, blocks)?,
@@ -200,8 +233,11 @@ fn int_domain(call: &Call, blocks: &[&str]) -> Result<Domain, Diagnostic> {
     };
     if step <= 0 {
         let span = keyword(call, "step").map_or(call.span.clone(), |e| e.span.clone());
-        return Err(Diagnostic::error(codes::BAD_DOMAIN, format!("`step` must be positive, found {step}"))
-            .primary(span, "invalid step"));
+        return Err(Diagnostic::error(
+            codes::BAD_DOMAIN,
+            format!("`step` must be positive, found {step}"),
+        )
+        .primary(span, "invalid step"));
     }
     if log && low <= 0 {
         return Err(log_error(low_expr, &Value::Int(low)));
@@ -220,18 +256,32 @@ fn float_domain(call: &Call, blocks: &[&str]) -> Result<Domain, Diagnostic> {
     let low = number(low_expr, blocks)?;
     let high = number(high_expr, blocks)?;
     if low > high {
-        return Err(reversed(call, low_expr, high_expr, &Value::Float(low), &Value::Float(high)));
+        return Err(reversed(
+            call,
+            low_expr,
+            high_expr,
+            &Value::Float(low),
+            &Value::Float(high),
+        ));
     }
-    let step = keyword(call, "step").map(|e| number(e, blocks)).transpose()?;
+    let step = keyword(call, "step")
+        .map(|e| number(e, blocks))
+        .transpose()?;
     if let Some(step) = step {
         let span = keyword(call, "step").map_or(call.span.clone(), |e| e.span.clone());
         if step <= 0.0 {
-            return Err(Diagnostic::error(codes::BAD_DOMAIN, format!("`step` must be positive, found {step}"))
-                .primary(span, "invalid step"));
+            return Err(Diagnostic::error(
+                codes::BAD_DOMAIN,
+                format!("`step` must be positive, found {step}"),
+            )
+            .primary(span, "invalid step"));
         }
         if log {
-            return Err(Diagnostic::error(codes::BAD_DOMAIN, "a log-scale range cannot have a `step`")
-                .primary(span, "remove the step or the log scale"));
+            return Err(Diagnostic::error(
+                codes::BAD_DOMAIN,
+                "a log-scale range cannot have a `step`",
+            )
+            .primary(span, "remove the step or the log scale"));
         }
     }
     if log && low <= 0.0 {
@@ -258,15 +308,24 @@ fn choice_domain(call: &Call, blocks: &[&str]) -> Result<Domain, Diagnostic> {
     let mut options: Vec<Value> = Vec::new();
     for expr in call.positional() {
         let value = constant(expr, blocks)?;
-        if options.iter().any(|o| super::space::values_equal(o, &value)) {
-            return Err(Diagnostic::error(codes::BAD_DOMAIN, format!("`{value}` appears twice in `choice`"))
-                .primary(expr.span.clone(), "repeated option"));
+        if options
+            .iter()
+            .any(|o| super::space::values_equal(o, &value))
+        {
+            return Err(Diagnostic::error(
+                codes::BAD_DOMAIN,
+                format!("`{value}` appears twice in `choice`"),
+            )
+            .primary(expr.span.clone(), "repeated option"));
         }
         options.push(value);
     }
     if options.is_empty() {
-        return Err(Diagnostic::error(codes::BAD_RANGE, "empty `choice`: it needs at least one option")
-            .primary(call.span.clone(), "no options"));
+        return Err(Diagnostic::error(
+            codes::BAD_RANGE,
+            "empty `choice`: it needs at least one option",
+        )
+        .primary(call.span.clone(), "no options"));
     }
     Ok(Domain::Choice(options))
 }
@@ -274,16 +333,22 @@ fn choice_domain(call: &Call, blocks: &[&str]) -> Result<Domain, Diagnostic> {
 fn integer(expr: &Expr, blocks: &[&str]) -> Result<i64, Diagnostic> {
     let value = constant(expr, blocks)?;
     value.as_i64().ok_or_else(|| {
-        Diagnostic::error(codes::BAD_DOMAIN, format!("expected an integer, found {value}"))
-            .primary(expr.span.clone(), "not an integer")
+        Diagnostic::error(
+            codes::BAD_DOMAIN,
+            format!("expected an integer, found {value}"),
+        )
+        .primary(expr.span.clone(), "not an integer")
     })
 }
 
 fn number(expr: &Expr, blocks: &[&str]) -> Result<f64, Diagnostic> {
     let value = constant(expr, blocks)?;
     value.as_f64().ok_or_else(|| {
-        Diagnostic::error(codes::BAD_DOMAIN, format!("expected a number, found {value}"))
-            .primary(expr.span.clone(), "not a number")
+        Diagnostic::error(
+            codes::BAD_DOMAIN,
+            format!("expected a number, found {value}"),
+        )
+        .primary(expr.span.clone(), "not a number")
     })
 }
 
@@ -303,8 +368,10 @@ fn constant(expr: &Expr, blocks: &[&str]) -> Result<Value, Diagnostic> {
         ExprKind::Neg(inner) => match constant(inner, blocks)? {
             Value::Int(i) => Ok(Value::Int(-i)),
             Value::Float(f) => Ok(Value::Float(-f)),
-            other => Err(Diagnostic::error(codes::BAD_DOMAIN, format!("cannot negate {other}"))
-                .primary(expr.span.clone(), "not a number")),
+            other => Err(
+                Diagnostic::error(codes::BAD_DOMAIN, format!("cannot negate {other}"))
+                    .primary(expr.span.clone(), "not a number"),
+            ),
         },
         _ => Err(Diagnostic::error(
             codes::BAD_DOMAIN,

@@ -34,7 +34,9 @@ impl Domain {
     /// The number of distinct values, or `None` for a continuous range.
     pub fn size(&self) -> Option<u64> {
         match *self {
-            Domain::Int { low, high, step, .. } => Some(((high - low) / step + 1) as u64),
+            Domain::Int {
+                low, high, step, ..
+            } => Some(((high - low) / step + 1) as u64),
             Domain::Float {
                 low,
                 high,
@@ -48,7 +50,9 @@ impl Domain {
 
     pub fn contains(&self, value: &Value) -> bool {
         match *self {
-            Domain::Int { low, high, step, .. } => value
+            Domain::Int {
+                low, high, step, ..
+            } => value
                 .as_i64()
                 .is_some_and(|v| v >= low && v <= high && (v - low) % step == 0),
             Domain::Float {
@@ -69,7 +73,9 @@ impl Domain {
     pub fn visited_values(&self) -> Vec<Value> {
         match *self {
             Domain::Choice(ref options) => options.clone(),
-            Domain::Int { low, high, step, .. } => {
+            Domain::Int {
+                low, high, step, ..
+            } => {
                 if self.size().unwrap_or(u64::MAX) <= MAX_VISITED_RANGE {
                     (0..)
                         .map(|k| low + k * step)
@@ -276,7 +282,9 @@ impl Space {
         let rest = size.saturating_sub(tested.len() as u64);
         if rest > 0 {
             // A value that no condition names, standing for all of them.
-            point.0.push((param.name.clone(), Value::Word(String::new())));
+            point
+                .0
+                .push((param.name.clone(), Value::Word(String::new())));
             let below = self.count_from(index + 1, point);
             point.0.pop();
             total = total.saturating_add(below?.saturating_mul(rest));
@@ -359,7 +367,10 @@ mod tests {
     }
 
     fn conditional_space() -> Space {
-        let cell = Domain::Choice(vec![Value::Block("plain".into()), Value::Block("wide".into())]);
+        let cell = Domain::Choice(vec![
+            Value::Block("plain".into()),
+            Value::Block("wide".into()),
+        ]);
         let expand = Domain::Int {
             low: 2,
             high: 4,
@@ -398,7 +409,10 @@ mod tests {
             step: 1,
             log: false,
         };
-        assert_eq!(domain.visited_values(), vec![Value::Int(1), Value::Int(100)]);
+        assert_eq!(
+            domain.visited_values(),
+            vec![Value::Int(1), Value::Int(100)]
+        );
         assert_eq!(domain.size(), Some(100));
     }
 

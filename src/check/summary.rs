@@ -18,8 +18,16 @@ pub fn render(report: &ModelReport) -> String {
         let _ = writeln!(out, "at the default point: {}", report.point);
     }
     out.push_str(&layer_table(graph));
-    let _ = writeln!(out, "trainable parameters:     {}", group(graph.params() as u64));
-    let _ = writeln!(out, "non-trainable parameters: {}", group(graph.state() as u64));
+    let _ = writeln!(
+        out,
+        "trainable parameters:     {}",
+        group(graph.params() as u64)
+    );
+    let _ = writeln!(
+        out,
+        "non-trainable parameters: {}",
+        group(graph.state() as u64)
+    );
     let _ = writeln!(out, "MACs per sample:          {}", group(graph.macs()));
     if !report.space.is_empty() {
         out.push('\n');
@@ -85,7 +93,11 @@ fn describe(op: &Op) -> String {
     match op {
         Op::Dense { units, bias, .. } => format!("dense {units}{}", no_bias(*bias)),
         Op::Conv(c) => {
-            let kind = if c.groups > 1 { "depthwise_conv" } else { "conv" };
+            let kind = if c.groups > 1 {
+                "depthwise_conv"
+            } else {
+                "conv"
+            };
             let mut s = format!("{kind} {k}x{k}", k = c.kernel);
             if c.groups == 1 {
                 let _ = write!(s, ", {}", c.filters);
@@ -136,7 +148,11 @@ fn space_table(report: &ModelReport) -> String {
         None => "infinite (continuous ranges)".to_string(),
     };
     let cut = if report.points_cut { ", the limit" } else { "" };
-    let _ = writeln!(out, "size: {size}; statically checked: {} points{cut}", report.points_checked);
+    let _ = writeln!(
+        out,
+        "size: {size}; statically checked: {} points{cut}",
+        report.points_checked
+    );
     out
 }
 
@@ -145,7 +161,7 @@ pub fn group(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

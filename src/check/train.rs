@@ -54,9 +54,15 @@ impl Optimizer {
 pub enum Schedule {
     Constant,
     /// Multiplies the rate by `gamma` every `every` epochs.
-    Step { every: usize, gamma: f64 },
+    Step {
+        every: usize,
+        gamma: f64,
+    },
     /// Linear warm-up over `warmup` epochs, then cosine decay to `min_lr`.
-    Cosine { warmup: usize, min_lr: f64 },
+    Cosine {
+        warmup: usize,
+        min_lr: f64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -222,7 +228,11 @@ const EARLY_STOPPING: &[Param] = &[
 ];
 const CHECKPOINT: &[Param] = &[
     param("monitor", MONITOR, D::Word("val_loss")),
-    param("save", Kind::Word(&["best", "last", "both"]), D::Word("both")),
+    param(
+        "save",
+        Kind::Word(&["best", "last", "both"]),
+        D::Word("both"),
+    ),
 ];
 const REDUCE_LR: &[Param] = &[
     param("monitor", MONITOR, D::Word("val_loss")),
@@ -320,6 +330,9 @@ fn list<'a>(expr: &'a Expr, value: &'a Value) -> Vec<(&'a Expr, &'a Value)> {
     }
 }
 
+/// Arguments of a call value: keyword (or `None`) and value.
+type CallArgs = Vec<(Option<String>, Value)>;
+
 /// Splits a setting into the name it calls and its bound arguments, checked
 /// against the table of that name in `choices`.
 fn call_of<'t>(
@@ -328,18 +341,20 @@ fn call_of<'t>(
     value: &Value,
     choices: &[(&'t str, &'t [Param])],
 ) -> Result<(&'t str, Args), Diagnostic> {
-    let (name, ast_call, values): (&str, Option<&Call>, Vec<(Option<String>, Value)>) =
-        match (value, &expr.kind) {
-            (Value::Word(w), _) => (w, None, Vec::new()),
-            (Value::Call(c), ExprKind::Call(call)) => (&c.name, Some(call), c.args.clone()),
-            _ => {
-                return Err(Diagnostic::error(
-                    codes::BAD_TRAIN_SETTING,
-                    format!("invalid {what}: expected a name or a call, found {}", value.kind_name()),
-                )
-                .primary(expr.span.clone(), "invalid value"))
-            }
-        };
+    let (name, ast_call, values): (&str, Option<&Call>, CallArgs) = match (value, &expr.kind) {
+        (Value::Word(w), _) => (w, None, Vec::new()),
+        (Value::Call(c), ExprKind::Call(call)) => (&c.name, Some(call), c.args.clone()),
+        _ => {
+            return Err(Diagnostic::error(
+                codes::BAD_TRAIN_SETTING,
+                format!(
+                    "invalid {what}: expected a name or a call, found {}",
+                    value.kind_name()
+                ),
+            )
+            .primary(expr.span.clone(), "invalid value"))
+        }
+    };
     let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
     let Some((name, table)) = choices.iter().find(|(n, _)| *n == name) else {
         let span = ast_call.map_or(expr.span.clone(), |c| c.callee.span.clone());
@@ -378,7 +393,12 @@ fn call_of<'t>(
 }
 
 fn optimizer(expr: &Expr, value: &Value) -> Result<Optimizer, Diagnostic> {
-    let choices = [("sgd", SGD), ("adam", ADAM), ("adamw", ADAMW), ("rmsprop", RMSPROP)];
+    let choices = [
+        ("sgd", SGD),
+        ("adam", ADAM),
+        ("adamw", ADAMW),
+        ("rmsprop", RMSPROP),
+    ];
     let (name, a) = call_of("optimizer", expr, value, &choices)?;
     let lr = a.float("lr");
     if lr <= 0.0 {

@@ -9,7 +9,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "A declarative model-definition compiler for deep learning")]
+#[command(
+    name = "kiln",
+    version,
+    about = "A declarative model-definition compiler for deep learning"
+)]
 struct Cli {
     /// More log output on stderr (-v debug, -vv trace); `KILN_LOG` overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -51,7 +55,11 @@ pub fn main() -> ExitCode {
         Err(e) => {
             // Help and version requests print to stdout and succeed.
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
+            return ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
         }
     };
     init_logging(cli.verbose);

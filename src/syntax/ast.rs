@@ -136,7 +136,14 @@ impl Call {
 pub struct Expr {
     pub kind: ExprKind,
     pub span: Span,
+    /// Nesting depth, 1 for a leaf. The parser rejects expressions deeper
+    /// than [`MAX_DEPTH`], so recursive passes over the tree stay shallow.
+    pub depth: usize,
 }
+
+/// The deepest expression the parser accepts. Pipelines, operator chains and
+/// brackets each add a level; real models stay below 50.
+pub const MAX_DEPTH: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BinOp {
@@ -160,7 +167,10 @@ impl BinOp {
 #[derive(Debug, Clone)]
 pub enum ExprKind {
     /// A numeric literal; `integer` is false when it had a `.` or an exponent.
-    Number { value: f64, integer: bool },
+    Number {
+        value: f64,
+        integer: bool,
+    },
     Str(String),
     Name(String),
     Call(Call),

@@ -18,10 +18,59 @@ struct ModelParser;
 /// Returns a syntax diagnostic (`E0001`) at the first position the grammar
 /// cannot match.
 pub fn parse(source: &str) -> Result<File, Diagnostic> {
+    check_bracket_depth(source)?;
     let mut pairs = ModelParser::parse(Rule::file, source).map_err(syntax_error)?;
+    TOO_DEEP.with(|t| t.set(None));
+    let file = convert(pairs.next());
+    if let Some((start, end)) = TOO_DEEP.with(|t| t.take()) {
+        return Err(Diagnostic::error(
+            codes::SYNTAX,
+            format!("expression nested more than {MAX_DEPTH} levels deep"),
+        )
+        .primary(start..end, "split this expression into named values"));
+    }
+    Ok(file)
+}
+
+/// The deepest bracket nesting accepted before parsing; it bounds the
+/// recursion of the parser itself.
+const MAX_BRACKETS: usize = 64;
+
+fn check_bracket_depth(source: &str) -> Result<(), Diagnostic> {
+    let mut depth = 0usize;
+    let mut in_comment = false;
+    let mut in_string = false;
+    for (i, c) in source.char_indices() {
+        match c {
+            '\n' => {
+                in_comment = false;
+                in_string = false;
+            }
+            _ if in_comment => {}
+            '"' => in_string = !in_string,
+            _ if in_string => {}
+            '#' => in_comment = true,
+            '(' | '[' | '{' => {
+                depth += 1;
+                if depth > MAX_BRACKETS {
+                    return Err(Diagnostic::error(
+                        codes::SYNTAX,
+                        format!("brackets nested more than {MAX_BRACKETS} levels deep"),
+                    )
+                    .primary(i..i + 1, "too deep"));
+                }
+            }
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn convert(root: Option<Pair<Rule>>) -> File {
     let mut file = File::default();
-    let Some(root) = pairs.next() else {
-        return Ok(file);
+    let Some(root) = root else {
+        return file;
     };
     for item in root.into_inner() {
         match item.as_rule() {
@@ -30,7 +79,7 @@ pub fn parse(source: &str) -> Result<File, Diagnostic> {
             _ => {}
         }
     }
-    Ok(file)
+    file
 }
 
 fn span(pair: &Pair<Rule>) -> Span {
@@ -100,6 +149,7 @@ fn parse_block(pair: Pair<Rule>) -> Block {
         result: Expr {
             kind: ExprKind::List(Vec::new()),
             span: block_span.clone(),
+            depth: 1,
         },
         span: block_span,
     };
@@ -111,7 +161,9 @@ fn parse_block(pair: Pair<Rule>) -> Block {
                 block.params = part.into_inner().map(parse_block_param).collect();
             }
             Rule::return_stmt => {
-                let expr = meaningful(part).next().expect("grammar: return has a value");
+                let expr = meaningful(part)
+                    .next()
+                    .expect("grammar: return has a value");
                 block.result = parse_expr(expr);
             }
             _ => block.body.push(parse_statement(part)),
@@ -281,12 +333,39 @@ fn parse_expr(pair: Pair<Rule>) -> Expr {
                 value,
             },
         );
+        let depth = 1 + args_depth(&call.args);
         value = Expr {
             kind: ExprKind::Call(call),
             span: start..end,
+            depth,
         };
+        if too_deep(&value) {
+            break;
+        }
     }
     value
+}
+
+fn args_depth(args: &[Arg]) -> usize {
+    args.iter().map(|a| a.value.depth).max().unwrap_or(0)
+}
+
+/// Records the first expression deeper than [`MAX_DEPTH`]; the caller stops
+/// growing it, and [`parse`] turns the record into a syntax error.
+fn too_deep(expr: &Expr) -> bool {
+    if expr.depth <= MAX_DEPTH {
+        return false;
+    }
+    TOO_DEEP.with(|t| {
+        if t.get().is_none() {
+            t.set(Some((expr.span.start, expr.span.end)));
+        }
+    });
+    true
+}
+
+thread_local! {
+    static TOO_DEEP: std::cell::Cell<Option<(usize, usize)>> = const { std::cell::Cell::new(None) };
 }
 
 fn parse_sum(pair: Pair<Rule>) -> Expr {
@@ -310,10 +389,15 @@ fn parse_binary(pair: Pair<Rule>, operand: fn(Pair<Rule>) -> Expr) -> Expr {
             _ => BinOp::Div,
         };
         let span = lhs.span.start..rhs.span.end;
+        let depth = 1 + lhs.depth.max(rhs.depth);
         lhs = Expr {
             kind: ExprKind::Binary(op, Box::new(lhs), Box::new(rhs)),
             span,
+            depth,
         };
+        if too_deep(&lhs) {
+            break;
+        }
     }
     lhs
 }
@@ -324,10 +408,15 @@ fn parse_unary(pair: Pair<Rule>) -> Expr {
     let (negations, primary) = parts.split_at(parts.len() - 1);
     let mut value = parse_primary(primary[0].clone());
     for _ in negations {
+        let depth = value.depth + 1;
         value = Expr {
             kind: ExprKind::Neg(Box::new(value)),
             span: unary_span.clone(),
+            depth,
         };
+        if too_deep(&value) {
+            break;
+        }
     }
     value
 }
@@ -354,10 +443,18 @@ fn parse_primary(pair: Pair<Rule>) -> Expr {
         Rule::expr => return parse_expr(pair),
         other => unreachable!("grammar: {other:?} is not a primary expression"),
     };
-    Expr {
+    let depth = 1 + match &kind {
+        ExprKind::Call(call) => args_depth(&call.args),
+        ExprKind::List(items) => items.iter().map(|i| i.depth).max().unwrap_or(0),
+        _ => 0,
+    };
+    let expr = Expr {
         kind,
         span: primary_span,
-    }
+        depth,
+    };
+    too_deep(&expr);
+    expr
 }
 
 fn syntax_error(error: pest::error::Error<Rule>) -> Diagnostic {
