@@ -87,6 +87,7 @@ pub struct Elaborator<'p> {
     pub outputs: Vec<OutputDecl>,
     shared: Vec<SharedLayer>,
     node_names: HashSet<String>,
+    inputs_declared: usize,
     depth: usize,
     aborted: bool,
 }
@@ -117,6 +118,7 @@ impl<'p> Elaborator<'p> {
             outputs: Vec::new(),
             shared: Vec::new(),
             node_names: HashSet::new(),
+            inputs_declared: 0,
             depth: 0,
             aborted: false,
         }
@@ -205,6 +207,7 @@ impl<'p> Elaborator<'p> {
     }
 
     fn input(&mut self, frame: &mut Frame<'p>, name: &ast::Ident, dims: &[Expr], span: &Span) {
+        self.inputs_declared += 1;
         if frame.values.contains_key(&name.name) {
             self.error(
                 Diagnostic::error(
@@ -215,6 +218,9 @@ impl<'p> Elaborator<'p> {
             );
             return;
         }
+        // Until the shape is known to be valid, uses of the input report
+        // nothing more.
+        frame.values.insert(name.name.clone(), Binding::Failed);
         let mut shape = Vec::new();
         for dim in dims {
             let value = self.setting(frame, dim);
@@ -322,6 +328,19 @@ impl<'p> Elaborator<'p> {
                     .note("blocks are instantiated with fresh weights at every call and cannot be shared"),
             );
         };
+        if spec.arity != Arity::One {
+            return self.error(
+                Diagnostic::error(
+                    codes::INVALID_ARGUMENT,
+                    format!(
+                        "`{}` takes several inputs and has no weights, so it cannot be shared",
+                        spec.name
+                    ),
+                )
+                .primary(call.callee.span.clone(), "not a shareable layer")
+                .help(format!("call `{}` directly where it is needed", spec.name)),
+            );
+        }
         if let Some(extra) = call.positional().next() {
             return self.error(
                 Diagnostic::error(
@@ -772,7 +791,11 @@ impl<'p> Elaborator<'p> {
             values: HashMap::new(),
             settings,
             scope,
-            prefix: format!("{}{value}.{name}/", frame.prefix),
+            prefix: if value.is_empty() {
+                format!("{}{name}/", frame.prefix)
+            } else {
+                format!("{}{value}.{name}/", frame.prefix)
+            },
             repeats: 0,
             body: &block.body,
         };
@@ -918,10 +941,19 @@ impl<'p> Elaborator<'p> {
                     let value = self.setting(frame, &arg.value)?;
                     args.push((arg.keyword.as_ref().map(|k| k.name.clone()), value));
                 }
-                Some(Value::Call(CallValue {
-                    name: call.callee.name.clone(),
-                    args,
-                }))
+                // `opt(lr = 0.1)` with `opt = choice(sgd, adam)` calls the
+                // chosen name.
+                let callee = &call.callee.name;
+                let bound = frame
+                    .settings
+                    .get(callee)
+                    .cloned()
+                    .or_else(|| self.hparam_value(frame, callee, &call.callee.span));
+                let name = match bound {
+                    Some(Value::Word(w) | Value::Block(w)) => w,
+                    _ => callee.clone(),
+                };
+                Some(Value::Call(CallValue { name, args }))
             }
             ExprKind::Neg(inner) => {
                 let value = self.setting(frame, inner)?;
@@ -1091,7 +1123,7 @@ impl<'p> Elaborator<'p> {
                     .secondary(first.span.clone(), "first output"),
             ),
         }
-        if self.graph.inputs.is_empty() {
+        if self.inputs_declared == 0 {
             self.error(
                 Diagnostic::error(
                     codes::MISSING_DECLARATION,
@@ -1147,9 +1179,22 @@ impl<'p> Elaborator<'p> {
     /// Settles every `bias = auto`: a layer gets a bias unless its only
     /// reader is a batch normalization, whose mean subtraction would cancel it.
     fn decide_auto_bias(&mut self) {
-        let consumers = self.graph.consumer_counts();
+        let live = self.graph.live();
+        let mut consumers = vec![0usize; self.graph.nodes.len()];
+        for node in self
+            .graph
+            .nodes
+            .iter()
+            .zip(&live)
+            .filter(|(_, l)| **l)
+            .map(|(n, _)| n)
+        {
+            for input in &node.inputs {
+                consumers[input.index()] += 1;
+            }
+        }
         let mut only_reader_is_bn = vec![false; self.graph.nodes.len()];
-        for node in &self.graph.nodes {
+        for (node, _) in self.graph.nodes.iter().zip(&live).filter(|(_, l)| **l) {
             if let (Op::BatchNorm { .. }, [input]) = (&node.op, node.inputs.as_slice()) {
                 only_reader_is_bn[input.index()] = consumers[input.index()] == 1;
             }

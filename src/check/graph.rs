@@ -291,6 +291,49 @@ impl Graph {
         live
     }
 
+    /// Removes nodes that do not reach the output (inputs stay), renumbering
+    /// the rest. A shared layer whose first use is removed passes its
+    /// weights to its first remaining use.
+    pub fn prune(&mut self) {
+        let mut keep = self.live();
+        for (_, input) in &self.inputs {
+            keep[input.index()] = true;
+        }
+        let mut new_id = vec![None; self.nodes.len()];
+        let mut nodes = Vec::new();
+        for (i, node) in std::mem::take(&mut self.nodes).into_iter().enumerate() {
+            if keep[i] {
+                new_id[i] = Some(NodeId(nodes.len() as u32));
+                nodes.push(node);
+            }
+        }
+        let mut new_owner: std::collections::HashMap<NodeId, NodeId> = Default::default();
+        for (i, node) in nodes.iter_mut().enumerate() {
+            node.inputs = node
+                .inputs
+                .iter()
+                .filter_map(|n| new_id[n.index()])
+                .collect();
+            if let Some(owner) = node.shares_weights_of {
+                node.shares_weights_of = match new_id[owner.index()] {
+                    Some(owner) => Some(owner),
+                    None => match new_owner.get(&owner) {
+                        Some(heir) => Some(*heir),
+                        None => {
+                            new_owner.insert(owner, NodeId(i as u32));
+                            None
+                        }
+                    },
+                };
+            }
+        }
+        self.nodes = nodes;
+        self.output = self.output.and_then(|o| new_id[o.index()]);
+        for (_, input) in &mut self.inputs {
+            *input = new_id[input.index()].expect("inputs are kept");
+        }
+    }
+
     /// How many nodes read each node's output.
     pub fn consumer_counts(&self) -> Vec<usize> {
         let mut counts = vec![0; self.nodes.len()];

@@ -182,15 +182,12 @@ impl Program {
                     .primary(block.name.span.clone(), "rename this block"),
                 );
             }
-            for stmt in &block.body {
-                if let Some(span) = section_span(stmt) {
-                    errors.push(
-                        Diagnostic::error(
-                            codes::INVALID_ARGUMENT,
-                            "`search`, `train`, `budget`, `input` and `output` belong in a model, not in a block",
-                        )
-                        .primary(span, "move this into the model"),
-                    );
+            misplaced(&block.body, &mut errors);
+        }
+        for model in &self.file.models {
+            for stmt in &model.body {
+                if let ast::Stmt::Repeat { body, .. } = stmt {
+                    misplaced(body, &mut errors);
                 }
             }
         }
@@ -246,11 +243,17 @@ impl Program {
         let train = self.train_config(model, &mut elaborator);
         let mut diagnostics = std::mem::take(&mut elaborator.diagnostics);
         let has_errors = diagnostics.iter().any(Diagnostic::is_error);
+        let warnings = if has_errors {
+            Vec::new()
+        } else {
+            unused_values(&elaborator.graph, &elaborator.assigned)
+        };
         let instance = match train {
-            Ok(train) if !has_errors => Some(Instance {
-                graph: std::mem::take(&mut elaborator.graph),
-                train,
-            }),
+            Ok(train) if !has_errors => {
+                let mut graph = std::mem::take(&mut elaborator.graph);
+                graph.prune();
+                Some(Instance { graph, train })
+            }
             Ok(_) => None,
             Err(mut errors) => {
                 diagnostics.append(&mut errors);
@@ -258,13 +261,13 @@ impl Program {
             }
         };
         Elaboration {
+            warnings,
             nodes_built: instance
                 .as_ref()
                 .map_or(elaborator.graph.nodes.len(), |i| i.graph.nodes.len()),
             diagnostics,
             instance,
             used_hparams: std::mem::take(&mut elaborator.used_hparams),
-            assigned: std::mem::take(&mut elaborator.assigned),
         }
     }
 
@@ -305,11 +308,29 @@ impl Program {
     fn budget(&self, model: &ast::Model) -> (Budget, Vec<Diagnostic>) {
         let mut budget = Budget::default();
         let mut errors = Vec::new();
+        let mut first_section: Option<&Span> = None;
+        let mut seen: Vec<&ast::Ident> = Vec::new();
         for stmt in &model.body {
-            let ast::Stmt::Budget { settings, .. } = stmt else {
+            let ast::Stmt::Budget { settings, span } = stmt else {
                 continue;
             };
+            if let Some(first) = first_section {
+                errors.push(second_section("budget", span, first));
+            }
+            first_section.get_or_insert(span);
             for setting in settings {
+                if let Some(first) = seen.iter().find(|k| k.name == setting.key.name) {
+                    errors.push(
+                        Diagnostic::error(
+                            codes::DUPLICATE,
+                            format!("`{}` is set twice", setting.key.name),
+                        )
+                        .primary(setting.key.span.clone(), "set again here")
+                        .secondary(first.span.clone(), "first set here"),
+                    );
+                    continue;
+                }
+                seen.push(&setting.key);
                 let value = match &setting.value.kind {
                     ast::ExprKind::Number { value, .. } if *value >= 0.0 => Some(*value as u64),
                     _ => None,
@@ -366,7 +387,19 @@ impl Program {
         let default_run = self.elaborate(model, &space, &point);
         let mut used: HashSet<String> = default_run.used_hparams.clone();
         diagnostics.extend(default_run.diagnostics.iter().cloned());
-        diagnostics.extend(unused_values(&default_run));
+        diagnostics.extend(default_run.warnings.iter().cloned());
+        if let Some(instance) = &default_run.instance {
+            if let Some(excess) = report.budget.violation(&instance.graph) {
+                diagnostics.push(
+                    Diagnostic::warning(
+                        codes::OVER_BUDGET,
+                        format!("the default point is over budget: {excess}"),
+                    )
+                    .primary(model.name.span.clone(), "in this model")
+                    .note("a sweep rejects points over budget without training them"),
+                );
+            }
+        }
         report.instance = default_run.instance;
 
         // The rest of the space is checked only when the default point is
@@ -415,28 +448,26 @@ impl Program {
 
 /// What one elaboration produced.
 struct Elaboration {
+    /// Values that do not reach the output.
+    warnings: Vec<Diagnostic>,
     nodes_built: usize,
     diagnostics: Vec<Diagnostic>,
     instance: Option<Instance>,
     used_hparams: HashSet<String>,
-    assigned: Vec<(String, Span, graph::NodeId)>,
 }
 
 /// Warns about assigned values that do not reach the output.
-fn unused_values(run: &Elaboration) -> Vec<Diagnostic> {
-    let Some(instance) = &run.instance else {
-        return Vec::new();
-    };
-    let live = instance.graph.live();
+fn unused_values(graph: &Graph, assigned: &[(String, Span, graph::NodeId)]) -> Vec<Diagnostic> {
+    let live = graph.live();
     let mut reported: HashSet<usize> = HashSet::new();
     let mut live_spans: HashSet<usize> = HashSet::new();
-    for (_, span, node) in &run.assigned {
+    for (_, span, node) in assigned {
         if live[node.index()] {
             live_spans.insert(span.start);
         }
     }
     let mut warnings = Vec::new();
-    for (name, span, node) in &run.assigned {
+    for (name, span, node) in assigned {
         // A definition inside a block or `repeat` runs several times; it is
         // unused only if no run of it reaches the output.
         if live[node.index()] || live_spans.contains(&span.start) || !reported.insert(span.start) {
@@ -489,6 +520,38 @@ fn second_section(what: &str, span: &Span, first: &Span) -> Diagnostic {
     .primary(span.clone(), "second section")
     .secondary(first.clone(), "first section")
     .help("merge the two sections")
+}
+
+/// Reports sections and blocks in a block or `repeat` body, where they
+/// have no meaning: they belong at the top of a model (or, for blocks, of
+/// the file).
+fn misplaced(body: &[ast::Stmt], errors: &mut Vec<Diagnostic>) {
+    for stmt in body {
+        if let Some(span) = section_span(stmt) {
+            errors.push(
+                Diagnostic::error(
+                    codes::INVALID_ARGUMENT,
+                    "`search`, `train`, `budget`, `input` and `output` belong at the top of a model",
+                )
+                .primary(span, "move this to the top level of the model"),
+            );
+        }
+        match stmt {
+            ast::Stmt::Block(block) => errors.push(
+                Diagnostic::error(
+                    codes::INVALID_ARGUMENT,
+                    format!(
+                        "block `{}` is declared inside another body",
+                        block.name.name
+                    ),
+                )
+                .primary(block.name.span.clone(), "declared here")
+                .help("declare blocks at the top of the file or of a model"),
+            ),
+            ast::Stmt::Repeat { body, .. } => misplaced(body, errors),
+            _ => {}
+        }
+    }
 }
 
 fn section_span(stmt: &ast::Stmt) -> Option<Span> {

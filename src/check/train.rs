@@ -310,6 +310,77 @@ fn apply(config: &mut TrainConfig, setting: &Setting, value: &Value) -> Result<(
     Ok(())
 }
 
+/// Rejects a setting outside its valid range.
+fn ensure(ok: bool, expr: &Expr, message: String) -> Result<(), Diagnostic> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Diagnostic::error(codes::BAD_TRAIN_SETTING, message)
+            .primary(expr.span.clone(), "invalid value"))
+    }
+}
+
+/// Checks the ranges shared by several settings, by name.
+fn check_ranges(what: &str, expr: &Expr, a: &Args) -> Result<(), Diagnostic> {
+    let nonnegative_ints = ["patience", "warmup", "cooldown", "pixels"];
+    for key in nonnegative_ints {
+        if let Some(v) = a.get(key).and_then(Value::as_i64) {
+            ensure(
+                v >= 0,
+                expr,
+                format!("`{key}` of {what} must not be negative, found {v}"),
+            )?;
+        }
+    }
+    for key in [
+        "min_delta",
+        "min_lr",
+        "weight_decay",
+        "momentum",
+        "label_smoothing",
+        "eps",
+    ] {
+        if let Some(v) = a.get(key).and_then(Value::as_f64) {
+            ensure(
+                v >= 0.0,
+                expr,
+                format!("`{key}` of {what} must not be negative, found {v}"),
+            )?;
+        }
+    }
+    for key in ["p", "beta1", "beta2", "alpha", "label_smoothing"] {
+        if let Some(v) = a.get(key).and_then(Value::as_f64) {
+            ensure(
+                (0.0..=1.0).contains(&v),
+                expr,
+                format!("`{key}` of {what} must be between 0 and 1, found {v}"),
+            )?;
+        }
+    }
+    if let Some(v) = a.get("every").and_then(Value::as_i64) {
+        ensure(
+            v >= 1,
+            expr,
+            format!("`every` of {what} must be at least 1, found {v}"),
+        )?;
+    }
+    if let Some(v) = a.get("gamma").and_then(Value::as_f64) {
+        ensure(
+            v > 0.0,
+            expr,
+            format!("`gamma` of {what} must be positive, found {v}"),
+        )?;
+    }
+    if let Some(v) = a.get("factor").and_then(Value::as_f64) {
+        ensure(
+            v > 0.0 && v < 1.0,
+            expr,
+            format!("`factor` of {what} must be between 0 and 1, found {v}"),
+        )?;
+    }
+    Ok(())
+}
+
 fn count(expr: &Expr, value: &Value, key: &str, min: i64) -> Result<usize, Diagnostic> {
     match value.as_i64() {
         Some(n) if n >= min => Ok(n as usize),
@@ -377,7 +448,7 @@ fn call_of<'t>(
         .into_iter()
         .filter_map(|(k, v)| k.map(|k| (k, v)))
         .collect();
-    bind(table, &pairs).map(|args| (*name, args)).map_err(|e| {
+    let bound = bind(table, &pairs).map(|args| (*name, args)).map_err(|e| {
         let call = ast_call.expect("a bare name has no arguments to reject");
         let keywords: Vec<KeywordArg> = call
             .keywords()
@@ -389,7 +460,9 @@ fn call_of<'t>(
             })
             .collect();
         bind_error(what, call, table, &keywords, e)
-    })
+    })?;
+    check_ranges(&format!("`{name}`"), expr, &bound.1)?;
+    Ok(bound)
 }
 
 fn optimizer(expr: &Expr, value: &Value) -> Result<Optimizer, Diagnostic> {

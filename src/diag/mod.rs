@@ -30,7 +30,7 @@ pub struct Label {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Diagnostic {
     pub severity: Severity,
-    /// A stable code such as `E0201`; `docs/diagnostics.md` lists them all.
+    /// A stable code such as `E0201`; `docs/language.md` lists them all.
     pub code: &'static str,
     /// One line, lowercase, no final period, identifiers in backticks.
     pub message: String,
@@ -124,4 +124,5 @@ pub mod codes {
     pub const BAD_TRAIN_SETTING: &str = "E0401";
     pub const UNREACHABLE: &str = "W0001";
     pub const UNUSED_HPARAM: &str = "W0002";
+    pub const OVER_BUDGET: &str = "W0003";
 }

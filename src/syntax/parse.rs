@@ -82,9 +82,12 @@ fn convert(root: Option<Pair<Rule>>) -> File {
     file
 }
 
+/// The byte range of a pair, without the whitespace that a failed optional
+/// part at its end may have consumed.
 fn span(pair: &Pair<Rule>) -> Span {
     let s = pair.as_span();
-    s.start()..s.end()
+    let trimmed = s.as_str().trim_end().len();
+    s.start()..s.start() + trimmed
 }
 
 fn parse_ident(pair: Pair<Rule>) -> Ident {
@@ -404,7 +407,9 @@ fn parse_binary(pair: Pair<Rule>, operand: fn(Pair<Rule>) -> Expr) -> Expr {
 
 fn parse_unary(pair: Pair<Rule>) -> Expr {
     let unary_span = span(&pair);
-    let parts: Vec<_> = pair.into_inner().collect();
+    // A bracketed primary arrives as `(`, expr, `)`; the brackets carry no
+    // meaning once the tree is built.
+    let parts: Vec<_> = meaningful(pair).collect();
     let (negations, primary) = parts.split_at(parts.len() - 1);
     let mut value = parse_primary(primary[0].clone());
     for _ in negations {
