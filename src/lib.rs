@@ -4,7 +4,11 @@
 //! [`syntax`] parses it, [`check`] resolves names and infers shapes, and
 //! [`diag`] reports what is wrong. `ARCHITECTURE.md` describes each stage.
 
+pub mod autodiff;
 pub mod check;
 pub mod cli;
 pub mod diag;
+pub mod interp;
+pub mod ir;
+pub mod rng;
 pub mod syntax;

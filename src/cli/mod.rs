@@ -3,6 +3,7 @@
 //! error).
 
 mod check;
+mod compile;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -33,6 +34,24 @@ enum Command {
         /// Output format of diagnostics and summaries.
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
+    },
+    /// Compile a model at its default point and print an intermediate form.
+    Compile {
+        /// The `.model` file.
+        file: PathBuf,
+        /// The form to print: `ir`, the lowered graph (with its backward
+        /// operators in training mode).
+        #[arg(long, value_enum, default_value_t = compile::Emit::Ir)]
+        emit: compile::Emit,
+        /// Which model of the file; the first when omitted.
+        #[arg(long)]
+        model: Option<String>,
+        /// Samples per batch, the leading axis of every shape.
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
+        /// Graph to build: a training step, evaluation, or inference.
+        #[arg(long, value_enum, default_value_t = compile::GraphMode::Train)]
+        mode: compile::GraphMode,
     },
 }
 
@@ -65,6 +84,13 @@ pub fn main() -> ExitCode {
     init_logging(cli.verbose);
     let status = match cli.command {
         Command::Check { file, format } => check::run(&file, format),
+        Command::Compile {
+            file,
+            emit,
+            model,
+            batch,
+            mode,
+        } => compile::run(&file, emit, model.as_deref(), batch, mode),
     };
     ExitCode::from(status)
 }
