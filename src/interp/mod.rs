@@ -200,6 +200,13 @@ pub fn run(
             Op::MeanSquaredErrorGrad => ops::mean_squared_error_grad(input(0), &labels),
         };
         debug_assert_eq!(value.shape(), shape, "{} produced a wrong shape", node.name);
+        // Operators read their inputs as row-major buffers; `concatenate`
+        // and broadcasting arithmetic may return other layouts.
+        let value = if value.is_standard_layout() {
+            value
+        } else {
+            value.as_standard_layout().into_owned()
+        };
         values.push(value);
     }
     Ok(Values(values))
