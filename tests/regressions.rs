@@ -94,3 +94,59 @@ fn shared_layer_weights_are_counted_once() {
     );
     assert_eq!(instance.graph.params(), 20);
 }
+
+/// Inputs that once panicked, overflowed the stack or hung; each must now
+/// give an error diagnostic quickly.
+#[test]
+fn hostile_inputs_get_diagnostics() {
+    let deep_blocks = {
+        let mut text = String::new();
+        for k in 0..63 {
+            text += &format!(
+                "block b{k}(x) {{ return b{}(x){} }}\n",
+                k + 1,
+                " |> relu".repeat(250)
+            );
+        }
+        text += "block b63(x) { return x }\nmodel m { input i: [4]\n y = b0(i)\n output y }";
+        text
+    };
+    let many_hparams = {
+        let entries: String = (0..300).map(|k| format!("p{k} = choice(1)\n")).collect();
+        format!("model m {{ input i: [4] search {{ {entries} }} output i }}")
+    };
+    let cases = [
+        ("division overflow", "block b(x; n) { return dense(x, units = n / -1) }
+          model m { input i: [4] y = b(i, n = -8000000000000000 * 1000 - 1223372036854775 * 1000 - 808) output y }".to_string()),
+        ("huge float grid", "model m { input i: [4] search { r = float(0, 1e300, step = 1e-300) }
+          y = dropout(i, rate = r) output y }".to_string()),
+        ("empty nested repeats", "model m { input i: [4] repeat 10000 { repeat 10000 { repeat 10000 { } } } output i }".to_string()),
+        ("repeated assignment", "model m { input i: [4] x = i repeat 10000 { repeat 10000 { x = i } } output x }".to_string()),
+        ("deep blocks and pipelines", deep_blocks),
+        ("too many hyperparameters", many_hparams),
+    ];
+    for (name, source) in cases {
+        let start = std::time::Instant::now();
+        let report = check_source(&source);
+        assert!(report.has_errors(), "{name}: no error");
+        // Generous: these took minutes or crashed before the limits.
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "{name}: {:?}",
+            start.elapsed()
+        );
+    }
+}
+
+#[test]
+fn conditional_counting_is_bounded() {
+    let pairs: String = (0..40)
+        .map(|k| format!("p{k} = choice(0, 1)\nq{k} = choice(0) when p{k} == 0\n"))
+        .collect();
+    let source = format!("model m {{ input i: [4] search {{ {pairs} }} output i }}");
+    let report = check_source(&source);
+    let space = &report.models[0].space;
+    assert_eq!(space.params.len(), 80);
+    // The exact count is 3^40; past the counting budget it is unknown.
+    assert_eq!(space.size(), Some(u64::MAX));
+}

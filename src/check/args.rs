@@ -169,7 +169,7 @@ fn coerce(kind: Kind, value: &Value) -> Option<Value> {
     match (kind, value) {
         (Kind::Any, v) => Some(v.clone()),
         (Kind::Int, v) => v.as_i64().map(Value::Int),
-        (Kind::Float, v) => v.as_f64().map(Value::Float),
+        (Kind::Float, v) => v.as_f64().filter(|f| f.is_finite()).map(Value::Float),
         (Kind::Bool | Kind::BoolOrAuto, Value::Bool(b)) => Some(Value::Bool(*b)),
         (Kind::BoolOrAuto, Value::Word(w)) if w == "auto" => Some(value.clone()),
         (Kind::Word(words), Value::Word(w)) if words.contains(&w.as_str()) => Some(value.clone()),
@@ -185,13 +185,55 @@ fn coerce(kind: Kind, value: &Value) -> Option<Value> {
 /// Returns the closest of `candidates` to `name`, if any is close enough to
 /// be a likely typo.
 pub fn suggest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    // Long names are never typos of short ones, and the distance matrix
+    // grows with the product of the lengths.
+    const MAX_LEN: usize = 64;
+    let mut candidates = candidates.into_iter().filter(|c| c.len() <= MAX_LEN);
+    if let Some(alias) = keras_alias(name) {
+        return candidates.find(|c| *c == alias);
+    }
+    if name.len() > MAX_LEN {
+        return None;
+    }
     let limit = (name.chars().count() / 3).max(1);
     candidates
-        .into_iter()
         .map(|c| (edit_distance(name, c), c))
         .filter(|(d, _)| *d <= limit)
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)
+}
+
+/// kiln's name for a Keras or PyTorch layer or argument name, so that a
+/// user who writes `Conv2D(kernel_size = 3)` is pointed at `conv(kernel = 3)`.
+fn keras_alias(name: &str) -> Option<&'static str> {
+    let alias = match name {
+        "Conv2D" | "Conv2d" | "conv2d" => "conv",
+        "Dense" | "Linear" | "linear" => "dense",
+        "DepthwiseConv2D" => "depthwise_conv",
+        "SeparableConv2D" => "separable_conv",
+        "BatchNormalization" | "BatchNorm2d" | "BatchNorm1d" | "batch_norm" => "batchnorm",
+        "MaxPooling2D" | "MaxPool2d" | "max_pool" => "maxpool",
+        "AveragePooling2D" | "AvgPool2d" | "avg_pool" => "avgpool",
+        "GlobalAveragePooling2D" | "AdaptiveAvgPool2d" => "global_avgpool",
+        "Flatten" => "flatten",
+        "Dropout" => "dropout",
+        "ReLU" => "relu",
+        "LeakyReLU" => "leaky_relu",
+        "Concatenate" | "cat" => "concat",
+        "kernel_size" => "kernel",
+        "pool_size" => "size",
+        "out_channels" => "filters",
+        "out_features" => "units",
+        "strides" => "stride",
+        "dilation_rate" => "dilation",
+        "depth_multiplier" => "multiplier",
+        "use_bias" => "bias",
+        "learning_rate" => "lr",
+        "negative_slope" | "alpha" => "slope",
+        "epsilon" => "eps",
+        _ => return None,
+    };
+    Some(alias)
 }
 
 /// Edit distance between two strings in characters, counting an adjacent
@@ -231,6 +273,11 @@ mod tests {
         assert_eq!(suggest("fliters", ["filters", "kernel"]), Some("filters"));
         assert_eq!(suggest("xyz", ["filters", "kernel"]), None);
         assert_eq!(suggest("imgae", ["image", "x"]), Some("image"));
+        assert_eq!(
+            suggest("kernel_size", ["filters", "kernel"]),
+            Some("kernel")
+        );
+        assert_eq!(suggest("Conv2D", ["conv", "dense"]), Some("conv"));
     }
 
     #[test]

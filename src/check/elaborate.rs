@@ -13,7 +13,7 @@ use super::space::{Point, Space};
 use super::value::{CallValue, Value};
 use crate::diag::{codes, Diagnostic, Span};
 use crate::syntax::ast::{self, BinOp, Call, Expr, ExprKind, Stmt};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Limits that keep a hostile or mistaken file from exhausting memory.
 const MAX_NODES: usize = 100_000;
@@ -21,6 +21,12 @@ const MAX_NODES: usize = 100_000;
 /// offsets of a batch within 64 bits.
 const MAX_VALUE_ELEMENTS: usize = 1 << 31;
 const MAX_BLOCK_DEPTH: usize = 64;
+/// Statements executed at most while elaborating one point, counting every
+/// `repeat` iteration, so that nested repeats of nothing still terminate.
+const MAX_STATEMENTS: usize = 1_000_000;
+/// Nested evaluations (calls inside calls, blocks inside blocks) at most,
+/// which bounds the recursion of the elaborator.
+const MAX_NESTING: usize = 1_000;
 
 /// A value name's binding inside a frame.
 #[derive(Clone)]
@@ -74,7 +80,6 @@ pub struct OutputDecl {
 }
 
 pub struct Elaborator<'p> {
-    file: &'p ast::File,
     model: &'p ast::Model,
     space: &'p Space,
     point: &'p Point,
@@ -86,8 +91,18 @@ pub struct Elaborator<'p> {
     pub assigned: Vec<(String, Span, NodeId)>,
     pub outputs: Vec<OutputDecl>,
     shared: Vec<SharedLayer>,
+    /// Blocks declared in the model body, by name, and at the top of the file.
+    local_blocks: BTreeMap<&'p str, &'p ast::Block>,
+    file_blocks: BTreeMap<&'p str, &'p ast::Block>,
     node_names: HashSet<String>,
     inputs_declared: usize,
+    /// Next free suffix for each node name, so names stay unique in
+    /// constant time.
+    name_counts: HashMap<String, usize>,
+    statements: usize,
+    nesting: usize,
+    /// The block calls being instantiated, innermost last.
+    call_stack: Vec<(Span, String)>,
     depth: usize,
     aborted: bool,
 }
@@ -107,7 +122,6 @@ impl<'p> Elaborator<'p> {
         point: &'p Point,
     ) -> Self {
         Elaborator {
-            file,
             model,
             space,
             point,
@@ -117,8 +131,14 @@ impl<'p> Elaborator<'p> {
             assigned: Vec::new(),
             outputs: Vec::new(),
             shared: Vec::new(),
+            local_blocks: first_by_name(model_blocks(model)),
+            file_blocks: first_by_name(file.blocks.iter()),
             node_names: HashSet::new(),
             inputs_declared: 0,
+            name_counts: HashMap::new(),
+            statements: 0,
+            nesting: 0,
+            call_stack: Vec::new(),
             depth: 0,
             aborted: false,
         }
@@ -157,13 +177,21 @@ impl<'p> Elaborator<'p> {
     }
 
     fn error(&mut self, mut diagnostic: Diagnostic) {
+        if let Some((span, block)) = self.call_stack.first() {
+            diagnostic =
+                diagnostic.secondary(span.clone(), format!("in this use of block `{block}`"));
+        }
         if diagnostic.code == codes::UNKNOWN_HPARAM {
             // The name sits in the first backticks of the message.
             let name = diagnostic.message.split('`').nth(1).unwrap_or_default();
             let declared = self.space.params.iter().map(|p| p.name.as_str());
-            if let Some(close) = suggest(name, declared) {
-                diagnostic.help = Some(format!("did you mean `{close}`?"));
-            }
+            diagnostic.help = match suggest(name, declared) {
+                Some(close) if close == name => Some(format!(
+                    "blocks declared outside a model cannot see its hyperparameters; pass `{name}` as a block setting, or declare the block inside the model"
+                )),
+                Some(close) => Some(format!("did you mean `{close}`?")),
+                None => diagnostic.help,
+            };
         }
         self.diagnostics.push(diagnostic);
     }
@@ -174,6 +202,19 @@ impl<'p> Elaborator<'p> {
         for stmt in stmts {
             if self.aborted {
                 return;
+            }
+            self.statements += 1;
+            if self.statements > MAX_STATEMENTS {
+                self.aborted = true;
+                let span = stmt_span(stmt);
+                return self.error(
+                    Diagnostic::error(
+                        codes::INVALID_ARGUMENT,
+                        format!("model runs more than {MAX_STATEMENTS} statements"),
+                    )
+                    .primary(span, "the limit was reached here")
+                    .note("check the counts of nested `repeat` statements"),
+                );
             }
             match stmt {
                 Stmt::Input { name, shape, span } => self.input(frame, name, shape, span),
@@ -296,7 +337,7 @@ impl<'p> Elaborator<'p> {
                 return self.error(
                     Diagnostic::error(
                         codes::INVALID_ARGUMENT,
-                        format!("`repeat` needs a count from 0 to 10000, found {value}"),
+                        format!("`repeat` needs an integer count from 0 to 10000, found {value}"),
                     )
                     .primary(count.span.clone(), "invalid count"),
                 )
@@ -306,6 +347,21 @@ impl<'p> Elaborator<'p> {
         let ordinal = frame.repeats;
         frame.repeats += 1;
         for i in 0..times {
+            // Each iteration counts as a statement, so nested repeats of
+            // empty bodies still reach the limit.
+            self.statements += 1;
+            if self.statements > MAX_STATEMENTS {
+                self.aborted = true;
+                self.error(
+                    Diagnostic::error(
+                        codes::INVALID_ARGUMENT,
+                        format!("model runs more than {MAX_STATEMENTS} statements"),
+                    )
+                    .primary(count.span.clone(), "the limit was reached here")
+                    .note("check the counts of nested `repeat` statements"),
+                );
+                break;
+            }
             frame.prefix = format!("{outer}repeat{ordinal}.{i}/");
             self.exec(frame, body);
             if self.aborted {
@@ -380,6 +436,34 @@ impl<'p> Elaborator<'p> {
     /// Evaluates an expression that must produce a tensor. `value` names the
     /// value being assigned, for node names and cycle reports.
     fn tensor(&mut self, frame: &mut Frame<'p>, expr: &'p Expr, value: &str) -> Option<NodeId> {
+        if self.aborted {
+            return None;
+        }
+        self.nesting += 1;
+        let result = if self.nesting > MAX_NESTING {
+            self.aborted = true;
+            self.error(
+                Diagnostic::error(
+                    codes::INVALID_ARGUMENT,
+                    format!("model nests calls and blocks more than {MAX_NESTING} levels deep"),
+                )
+                .primary(expr.span.clone(), "the limit was reached here")
+                .help("split long pipelines into named values"),
+            );
+            None
+        } else {
+            self.tensor_inner(frame, expr, value)
+        };
+        self.nesting -= 1;
+        result
+    }
+
+    fn tensor_inner(
+        &mut self,
+        frame: &mut Frame<'p>,
+        expr: &'p Expr,
+        value: &str,
+    ) -> Option<NodeId> {
         match &expr.kind {
             ExprKind::Name(name) => self.lookup_tensor(frame, name, &expr.span, value),
             ExprKind::Call(call) => self.call(frame, call, value),
@@ -570,21 +654,24 @@ impl<'p> Elaborator<'p> {
         None
     }
 
-    fn visible_blocks(&self, frame: &Frame<'p>) -> impl Iterator<Item = &'p ast::Block> {
+    fn visible_blocks(&self, frame: &Frame<'p>) -> impl Iterator<Item = &'p ast::Block> + '_ {
         let local = match frame.scope {
-            Scope::Model => Some(model_blocks(self.model)),
+            Scope::Model => Some(self.local_blocks.values().copied()),
             Scope::File => None,
         };
-        local.into_iter().flatten().chain(self.file.blocks.iter())
+        local
+            .into_iter()
+            .flatten()
+            .chain(self.file_blocks.values().copied())
     }
 
     fn find_block(&self, frame: &Frame<'p>, name: &str) -> Option<(&'p ast::Block, Scope)> {
         if let Scope::Model = frame.scope {
-            if let Some(b) = model_blocks(self.model).find(|b| b.name.name == name) {
+            if let Some(b) = self.local_blocks.get(name) {
                 return Some((b, Scope::Model));
             }
         }
-        let b = self.file.blocks.iter().find(|b| b.name.name == name)?;
+        let b = self.file_blocks.get(name)?;
         Some((b, Scope::File))
     }
 
@@ -809,6 +896,7 @@ impl<'p> Elaborator<'p> {
             );
         }
         self.depth += 1;
+        self.call_stack.push((call.span.clone(), name.clone()));
         self.exec(&mut inner, &block.body);
         let result = if self.aborted {
             None
@@ -816,6 +904,7 @@ impl<'p> Elaborator<'p> {
             self.tensor(&mut inner, &block.result, "")
         };
         self.depth -= 1;
+        self.call_stack.pop();
         result
     }
 
@@ -849,7 +938,19 @@ impl<'p> Elaborator<'p> {
                 self.error(d);
                 return None;
             }
-            settings.insert(arg.key.name.clone(), arg.value.clone());
+            if settings
+                .insert(arg.key.name.clone(), arg.value.clone())
+                .is_some()
+            {
+                self.error(
+                    Diagnostic::error(
+                        codes::INVALID_ARGUMENT,
+                        format!("argument `{}` is given twice", arg.key.name),
+                    )
+                    .primary(arg.key.span.clone(), "given again here"),
+                );
+                return None;
+            }
         }
         // Defaults are evaluated in the block's own scope, after the settings
         // given at the call, so a default may refer to an earlier setting.
@@ -914,7 +1015,8 @@ impl<'p> Elaborator<'p> {
                 format!("hyperparameter `{name}` is not active here{condition}"),
             )
             .primary(span.clone(), "used here")
-            .secondary(hparam.span.clone(), "declared here"),
+            .secondary(hparam.span.clone(), "declared here")
+            .help("use it only where its condition holds, such as inside the block its condition selects, or remove the `when` clause"),
         );
         // A placeholder keeps elaboration going; the error already stops the model.
         Some(hparam.default.clone())
@@ -958,7 +1060,10 @@ impl<'p> Elaborator<'p> {
             ExprKind::Neg(inner) => {
                 let value = self.setting(frame, inner)?;
                 match value {
-                    Value::Int(i) => Some(Value::Int(-i)),
+                    Value::Int(i) => Some(
+                        i.checked_neg()
+                            .map_or(Value::Float(-(i as f64)), Value::Int),
+                    ),
                     Value::Float(f) => Some(Value::Float(-f)),
                     other => {
                         self.arithmetic_error(&expr.span, &other);
@@ -1010,7 +1115,10 @@ impl<'p> Elaborator<'p> {
                 BinOp::Add => x.checked_add(y),
                 BinOp::Sub => x.checked_sub(y),
                 BinOp::Mul => x.checked_mul(y),
-                BinOp::Div => (y != 0 && x % y == 0).then(|| x / y),
+                BinOp::Div => x
+                    .checked_rem(y)
+                    .filter(|r| *r == 0)
+                    .and_then(|_| x.checked_div(y)),
             };
             if let Some(v) = exact {
                 return Some(Value::Int(v));
@@ -1088,10 +1196,10 @@ impl<'p> Elaborator<'p> {
             );
         }
         let mut unique = name.to_string();
-        let mut n = 2;
         while self.node_names.contains(&unique) {
-            unique = format!("{name}_{n}");
-            n += 1;
+            let next = self.name_counts.entry(name.to_string()).or_insert(1);
+            *next += 1;
+            unique = format!("{name}_{next}");
         }
         self.node_names.insert(unique.clone());
         self.graph.push(Node {
@@ -1245,6 +1353,31 @@ fn arity_error(spec: &LayerSpec, span: &Span, found: usize) -> Option<Diagnostic
     .primary(span.clone(), "wrong number of inputs")
     .note("inputs are passed by position; settings by name, as in `kernel = 3`");
     Some(d)
+}
+
+/// Blocks by name; of two blocks with one name (an error reported
+/// elsewhere) the first wins.
+fn first_by_name<'p>(
+    blocks: impl Iterator<Item = &'p ast::Block>,
+) -> BTreeMap<&'p str, &'p ast::Block> {
+    let mut map = BTreeMap::new();
+    for block in blocks {
+        map.entry(block.name.name.as_str()).or_insert(block);
+    }
+    map
+}
+
+fn stmt_span(stmt: &Stmt) -> Span {
+    match stmt {
+        Stmt::Input { span, .. }
+        | Stmt::Output { span, .. }
+        | Stmt::Repeat { span, .. }
+        | Stmt::Search { span, .. }
+        | Stmt::Train { span, .. }
+        | Stmt::Budget { span, .. } => span.clone(),
+        Stmt::Assign { name, .. } | Stmt::Layer { name, .. } => name.span.clone(),
+        Stmt::Block(block) => block.name.span.clone(),
+    }
 }
 
 /// The blocks declared directly in a model body.

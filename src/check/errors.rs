@@ -93,6 +93,9 @@ fn invalid_value(arg: &KeywordArg, kind: Option<Kind>, expected: &str) -> Diagno
             d = d.help(format!("did you mean `{close}`?"));
         }
     }
+    if let (Some(Kind::Int), Value::Float(_)) = (kind, &arg.value) {
+        d = d.help("write a whole number, or declare the hyperparameter with `int(low, high)`");
+    }
     d
 }
 

@@ -191,7 +191,10 @@ impl Op {
                 in_features, units, ..
             } => in_features.saturating_mul(units) as u64,
             Op::Conv(c) => {
-                let per_output = c.kernel.saturating_mul(c.kernel) * (c.in_channels / c.groups);
+                let per_output = c
+                    .kernel
+                    .saturating_mul(c.kernel)
+                    .saturating_mul(c.in_channels / c.groups);
                 shape.numel().saturating_mul(per_output) as u64
             }
             _ => 0,

@@ -26,7 +26,7 @@ use std::collections::HashSet;
 use train::TrainConfig;
 
 /// How many points of a search space the checker visits at most.
-pub const MAX_CHECKED_POINTS: usize = 2048;
+pub const MAX_CHECKED_POINTS: usize = 4096;
 
 /// How many layer instances the search-space check builds at most, summed
 /// over all points, so that a huge space of huge models still checks in
@@ -183,6 +183,11 @@ impl Program {
                 );
             }
             misplaced(&block.body, &mut errors);
+            let names = block
+                .inputs
+                .iter()
+                .chain(block.params.iter().map(|(p, _)| p));
+            duplicates(names, "block input or setting", &mut errors);
         }
         for model in &self.file.models {
             for stmt in &model.body {
@@ -332,7 +337,11 @@ impl Program {
                 }
                 seen.push(&setting.key);
                 let value = match &setting.value.kind {
-                    ast::ExprKind::Number { value, .. } if *value >= 0.0 => Some(*value as u64),
+                    ast::ExprKind::Number { value, .. }
+                        if value.is_finite() && *value >= 0.0 && value.fract() == 0.0 =>
+                    {
+                        Some(*value as u64)
+                    }
                     _ => None,
                 };
                 let slot = match setting.key.name.as_str() {
@@ -388,6 +397,7 @@ impl Program {
         let mut used: HashSet<String> = default_run.used_hparams.clone();
         diagnostics.extend(default_run.diagnostics.iter().cloned());
         diagnostics.extend(default_run.warnings.iter().cloned());
+        diagnostics.extend(channels_last_warnings(model));
         if let Some(instance) = &default_run.instance {
             if let Some(excess) = report.budget.violation(&instance.graph) {
                 diagnostics.push(
@@ -409,6 +419,10 @@ impl Program {
             let (points, cut) = space.check_points(MAX_CHECKED_POINTS);
             report.points_cut = cut;
             let mut nodes_built = 0usize;
+            let mut known: HashSet<(&'static str, Option<Span>)> = diagnostics
+                .iter()
+                .map(|d| (d.code, d.primary_span().cloned()))
+                .collect();
             for p in &points {
                 if nodes_built > MAX_CHECKED_NODES {
                     report.points_cut = true;
@@ -419,10 +433,7 @@ impl Program {
                 nodes_built += run.nodes_built;
                 used.extend(run.used_hparams);
                 for d in run.diagnostics.into_iter().filter(Diagnostic::is_error) {
-                    let known = diagnostics
-                        .iter()
-                        .any(|s| s.code == d.code && s.primary_span() == d.primary_span());
-                    if !known {
+                    if known.insert((d.code, d.primary_span().cloned())) {
                         diagnostics.push(at_point(d, p));
                     }
                 }
@@ -478,6 +489,43 @@ fn unused_values(graph: &Graph, assigned: &[(String, Span, graph::NodeId)]) -> V
                 .primary(span.clone(), "does not reach the model's output")
                 .help("use it, or remove it; unused layers are not trained"),
         );
+    }
+    warnings
+}
+
+/// Warns about inputs such as `[28, 28, 1]`, which look like Keras'
+/// channels-last layout; kiln reads `[C, H, W]`.
+fn channels_last_warnings(model: &ast::Model) -> Vec<Diagnostic> {
+    let dims = |shape: &[ast::Expr]| -> Option<Vec<f64>> {
+        shape
+            .iter()
+            .map(|e| match e.kind {
+                ast::ExprKind::Number { value, .. } => Some(value),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut warnings = Vec::new();
+    for stmt in &model.body {
+        let ast::Stmt::Input { name, shape, span } = stmt else {
+            continue;
+        };
+        let Some(values) = dims(shape) else {
+            continue;
+        };
+        let [c, h, w] = values[..] else {
+            continue;
+        };
+        if [1.0, 3.0, 4.0].contains(&w) && c > 4.0 && h > 4.0 {
+            warnings.push(
+                Diagnostic::warning(
+                    codes::CHANNELS_LAST,
+                    format!("input `{}` looks channels-last", name.name),
+                )
+                .primary(span.clone(), format!("read as {c} channels of {h}x{w}"))
+                .help(format!("kiln expects channels first: `[{w}, {c}, {h}]`")),
+            );
+        }
     }
     warnings
 }
@@ -565,17 +613,25 @@ fn section_span(stmt: &ast::Stmt) -> Option<Span> {
     }
 }
 
+/// The most diagnostics reported for one file; the rest are counted.
+const MAX_DIAGNOSTICS: usize = 200;
+
 /// Removes repeats of the same diagnostic, which blocks and `repeat` bodies
-/// produce once per instance.
+/// produce once per instance, and cuts an overlong list.
 fn dedup_diagnostics(diagnostics: &mut Vec<Diagnostic>) {
-    let mut seen: Vec<(&'static str, String, Option<Span>)> = Vec::new();
-    diagnostics.retain(|d| {
-        let key = (d.code, d.message.clone(), d.primary_span().cloned());
-        if seen.contains(&key) {
-            false
+    let mut seen: HashSet<(&'static str, String, Option<Span>)> = HashSet::new();
+    diagnostics.retain(|d| seen.insert((d.code, d.message.clone(), d.primary_span().cloned())));
+    if diagnostics.len() > MAX_DIAGNOSTICS {
+        let hidden = diagnostics.len() - MAX_DIAGNOSTICS;
+        let errors = diagnostics[MAX_DIAGNOSTICS..]
+            .iter()
+            .any(Diagnostic::is_error);
+        diagnostics.truncate(MAX_DIAGNOSTICS);
+        let summary = format!("{hidden} more diagnostics are not shown");
+        diagnostics.push(if errors {
+            Diagnostic::error(codes::TOO_MANY, summary)
         } else {
-            seen.push(key);
-            true
-        }
-    });
+            Diagnostic::warning(codes::TOO_MANY, summary)
+        });
+    }
 }

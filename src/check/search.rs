@@ -2,7 +2,7 @@
 //! conditions, each validated on its own.
 
 use super::layers;
-use super::space::{Condition, Domain, HParam, Space};
+use super::space::{self, Condition, Domain, HParam, Space};
 use super::value::Value;
 use crate::diag::{codes, Diagnostic};
 use crate::syntax::ast::{Call, Expr, ExprKind, SearchEntry};
@@ -12,6 +12,20 @@ use crate::syntax::ast::{Call, Expr, ExprKind, SearchEntry};
 pub fn parse_space(entries: &[&SearchEntry], block_names: &[&str]) -> (Space, Vec<Diagnostic>) {
     let mut space = Space::default();
     let mut errors = Vec::new();
+    if let Some(extra) = entries.get(space::MAX_HPARAMS) {
+        errors.push(
+            Diagnostic::error(
+                codes::BAD_DOMAIN,
+                format!(
+                    "a search space has at most {} hyperparameters",
+                    space::MAX_HPARAMS
+                ),
+            )
+            .primary(extra.name.span.clone(), "one too many"),
+        );
+        return (space, errors);
+    }
+    let mut failed: Vec<&str> = Vec::new();
     for entry in entries {
         let name = &entry.name.name;
         if let Some(earlier) = space.get(name) {
@@ -25,6 +39,16 @@ pub fn parse_space(entries: &[&SearchEntry], block_names: &[&str]) -> (Space, Ve
             );
             continue;
         }
+        let reserved = [
+            "true", "false", "same", "valid", "auto", "none", "log", "linear",
+        ];
+        if reserved.contains(&name.as_str()) {
+            errors.push(
+                Diagnostic::error(codes::DUPLICATE, format!("`{name}` is a reserved word"))
+                    .primary(entry.name.span.clone(), "rename this hyperparameter"),
+            );
+            continue;
+        }
         if layers::find(name).is_some() || block_names.contains(&name.as_str()) {
             errors.push(
                 Diagnostic::error(
@@ -35,9 +59,19 @@ pub fn parse_space(entries: &[&SearchEntry], block_names: &[&str]) -> (Space, Ve
             );
             continue;
         }
+        // A condition on a hyperparameter whose own declaration failed adds
+        // nothing to that failure.
+        let parent_failed = entry
+            .condition
+            .as_ref()
+            .is_some_and(|c| failed.contains(&c.param.name.as_str()));
         match parse_entry(entry, &space, block_names) {
             Ok(hparam) => space.params.push(hparam),
-            Err(d) => errors.push(d),
+            Err(_) if parent_failed => failed.push(name),
+            Err(d) => {
+                failed.push(name);
+                errors.push(d);
+            }
         }
     }
     (space, errors)
@@ -343,7 +377,7 @@ fn integer(expr: &Expr, blocks: &[&str]) -> Result<i64, Diagnostic> {
 
 fn number(expr: &Expr, blocks: &[&str]) -> Result<f64, Diagnostic> {
     let value = constant(expr, blocks)?;
-    value.as_f64().ok_or_else(|| {
+    value.as_f64().filter(|v| v.is_finite()).ok_or_else(|| {
         Diagnostic::error(
             codes::BAD_DOMAIN,
             format!("expected a number, found {value}"),
@@ -366,7 +400,9 @@ fn constant(expr: &Expr, blocks: &[&str]) -> Result<Value, Diagnostic> {
         ExprKind::Name(n) if blocks.contains(&n.as_str()) => Ok(Value::Block(n.clone())),
         ExprKind::Name(n) => Ok(Value::Word(n.clone())),
         ExprKind::Neg(inner) => match constant(inner, blocks)? {
-            Value::Int(i) => Ok(Value::Int(-i)),
+            Value::Int(i) => Ok(i
+                .checked_neg()
+                .map_or(Value::Float(-(i as f64)), Value::Int)),
             Value::Float(f) => Ok(Value::Float(-f)),
             other => Err(
                 Diagnostic::error(codes::BAD_DOMAIN, format!("cannot negate {other}"))

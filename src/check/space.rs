@@ -30,19 +30,34 @@ pub enum Domain {
 /// only at their ends and their default.
 const MAX_VISITED_RANGE: u64 = 16;
 
+/// Grids of more steps than this are treated as continuous.
+const MAX_GRID_STEPS: f64 = 1e15;
+
+/// Where inside a range the checker probes besides the ends: the golden
+/// section, which avoids round numbers, so that a float range used where an
+/// integer is required shows up.
+const INTERIOR: f64 = 0.381_966;
+
 impl Domain {
     /// The number of distinct values, or `None` for a continuous range.
     pub fn size(&self) -> Option<u64> {
         match *self {
             Domain::Int {
                 low, high, step, ..
-            } => Some(((high - low) / step + 1) as u64),
+            } => {
+                let steps = (high as i128 - low as i128) / step as i128;
+                Some(u64::try_from(steps + 1).unwrap_or(u64::MAX))
+            }
             Domain::Float {
                 low,
                 high,
                 step: Some(step),
                 ..
-            } => Some(((high - low) / step + 1e-9).floor() as u64 + 1),
+            } => {
+                // A grid too fine to count exactly behaves as a continuous range.
+                let steps = ((high - low) / step + 1e-9).floor();
+                (steps.is_finite() && steps < MAX_GRID_STEPS).then(|| steps as u64 + 1)
+            }
             Domain::Float { step: None, .. } => None,
             Domain::Choice(ref options) => Some(options.len() as u64),
         }
@@ -52,9 +67,9 @@ impl Domain {
         match *self {
             Domain::Int {
                 low, high, step, ..
-            } => value
-                .as_i64()
-                .is_some_and(|v| v >= low && v <= high && (v - low) % step == 0),
+            } => value.as_i64().is_some_and(|v| {
+                v >= low && v <= high && (v as i128 - low as i128) % step as i128 == 0
+            }),
             Domain::Float {
                 low, high, step, ..
             } => value.as_f64().is_some_and(|v| {
@@ -83,17 +98,34 @@ impl Domain {
                         .map(Value::Int)
                         .collect()
                 } else {
-                    let last = low + (high - low) / step * step;
-                    vec![Value::Int(low), Value::Int(last)]
+                    let steps = (high as i128 - low as i128) / step as i128;
+                    let at = |k: i128| Value::Int((low as i128 + k * step as i128) as i64);
+                    vec![at(0), at(steps), at((steps as f64 * INTERIOR) as i128)]
                 }
             }
             Domain::Float {
-                low, high, step, ..
+                low,
+                high,
+                step,
+                log,
             } => match (step, self.size()) {
                 (Some(step), Some(n)) if n <= MAX_VISITED_RANGE => (0..n)
                     .map(|k| Value::Float(low + k as f64 * step))
                     .collect(),
-                _ => vec![Value::Float(low), Value::Float(high)],
+                _ => {
+                    let interior = match (log, step) {
+                        (true, _) => (low.ln() + INTERIOR * (high.ln() - low.ln())).exp(),
+                        (false, Some(step)) => {
+                            low + (INTERIOR * (high - low) / step).round() * step
+                        }
+                        (false, None) => low + INTERIOR * (high - low),
+                    };
+                    let mut values = vec![Value::Float(low), Value::Float(high)];
+                    if interior > low && interior < high {
+                        values.push(Value::Float(interior));
+                    }
+                    values
+                }
             },
         }
     }
@@ -177,6 +209,13 @@ pub struct HParam {
     pub default: Value,
 }
 
+/// Steps of the exact point count before it gives up.
+const MAX_COUNT_WORK: u64 = 1_000_000;
+
+/// The most hyperparameters a search space may declare; the point count
+/// and enumeration recurse once per hyperparameter.
+pub const MAX_HPARAMS: usize = 256;
+
 /// A model's search space: its hyperparameters in declaration order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Space {
@@ -257,25 +296,32 @@ impl Space {
     /// The number of points when every discrete domain is counted in full;
     /// `None` when an active continuous range makes it infinite.
     pub fn size(&self) -> Option<u64> {
-        self.count_from(0, &mut Point::default())
+        let mut work = MAX_COUNT_WORK;
+        self.count_from(0, &mut Point::default(), &mut work)
     }
 
     /// Counts the points below `index`. Only the values that some condition
     /// tests are branched on; all other values of a domain lead to the same
     /// subtree, so their count is one subtree times their number.
-    fn count_from(&self, index: usize, point: &mut Point) -> Option<u64> {
+    fn count_from(&self, index: usize, point: &mut Point, work: &mut u64) -> Option<u64> {
         let Some(param) = self.params.get(index) else {
             return Some(1);
         };
+        // Counting conditional branches can take exponential time; past the
+        // budget the count is reported as unknown (`u64::MAX`).
+        if *work == 0 {
+            return Some(u64::MAX);
+        }
+        *work -= 1;
         if !self.is_active(param, point) {
-            return self.count_from(index + 1, point);
+            return self.count_from(index + 1, point, work);
         }
         let size = param.domain.size()?;
         let tested = self.tested_values(param);
         let mut total: u64 = 0;
         for value in &tested {
             point.0.push((param.name.clone(), value.clone()));
-            let below = self.count_from(index + 1, point);
+            let below = self.count_from(index + 1, point, work);
             point.0.pop();
             total = total.saturating_add(below?);
         }
@@ -285,7 +331,7 @@ impl Space {
             point
                 .0
                 .push((param.name.clone(), Value::Word(String::new())));
-            let below = self.count_from(index + 1, point);
+            let below = self.count_from(index + 1, point, work);
             point.0.pop();
             total = total.saturating_add(below?.saturating_mul(rest));
         }
@@ -316,7 +362,45 @@ impl Space {
         let mut points = Vec::new();
         let mut cut = false;
         self.enumerate_from(0, &mut Point::default(), &mut points, limit, &mut cut);
+        if cut {
+            points = self.spread_points(limit);
+        }
         (points, cut)
+    }
+
+    /// `limit` points drawn from the grid of visited values, for spaces too
+    /// large to visit whole. Each hyperparameter's value comes from a
+    /// deterministic pseudo-random draw, so every hyperparameter varies, not
+    /// only the last ones as in a truncated enumeration.
+    fn spread_points(&self, limit: usize) -> Vec<Point> {
+        let values: Vec<Vec<Value>> = self.params.iter().map(|p| self.candidates(p)).collect();
+        let mut seen = std::collections::HashSet::new();
+        let mut points = Vec::new();
+        for k in 0..limit as u64 {
+            let mut point = Point::default();
+            for (j, (param, options)) in self.params.iter().zip(&values).enumerate() {
+                let digit = crate::rng::word(0, j as u64, k) % options.len() as u64;
+                if self.is_active(param, &point) {
+                    point
+                        .0
+                        .push((param.name.clone(), options[digit as usize].clone()));
+                }
+            }
+            if seen.insert(point.to_string()) {
+                points.push(point);
+            }
+        }
+        points
+    }
+
+    /// The values the check tries for one hyperparameter: those of
+    /// [`Domain::visited_values`] and the default.
+    fn candidates(&self, param: &HParam) -> Vec<Value> {
+        let mut values = param.domain.visited_values();
+        if !values.iter().any(|v| values_equal(v, &param.default)) {
+            values.push(param.default.clone());
+        }
+        values
     }
 
     fn enumerate_from(
@@ -339,11 +423,7 @@ impl Space {
             self.enumerate_from(index + 1, point, out, limit, cut);
             return;
         }
-        let mut values = param.domain.visited_values();
-        if !values.iter().any(|v| values_equal(v, &param.default)) {
-            values.push(param.default.clone());
-        }
-        for value in values {
+        for value in self.candidates(param) {
             point.0.push((param.name.clone(), value));
             self.enumerate_from(index + 1, point, out, limit, cut);
             point.0.pop();
@@ -402,7 +482,7 @@ mod tests {
     }
 
     #[test]
-    fn large_int_range_visits_its_ends() {
+    fn large_int_range_visits_ends_and_interior() {
         let domain = Domain::Int {
             low: 1,
             high: 100,
@@ -411,9 +491,30 @@ mod tests {
         };
         assert_eq!(
             domain.visited_values(),
-            vec![Value::Int(1), Value::Int(100)]
+            vec![Value::Int(1), Value::Int(100), Value::Int(38)]
         );
         assert_eq!(domain.size(), Some(100));
+    }
+
+    #[test]
+    fn spread_points_vary_every_hyperparameter() {
+        let choice =
+            |name: &str| hparam(name, Domain::Choice((0..4).map(Value::Int).collect()), None);
+        let space = Space {
+            params: (0..8).map(|i| choice(&format!("p{i}"))).collect(),
+        };
+        let (points, cut) = space.check_points(64);
+        assert!(cut);
+        assert!(points.len() > 32, "{}", points.len());
+        for name in ["p0", "p7"] {
+            let mut seen: Vec<i64> = points
+                .iter()
+                .filter_map(|p| p.get(name).and_then(Value::as_i64))
+                .collect();
+            seen.sort_unstable();
+            seen.dedup();
+            assert_eq!(seen, vec![0, 1, 2, 3], "{name}");
+        }
     }
 
     #[test]

@@ -144,6 +144,7 @@ fn space_table(report: &ModelReport) -> String {
         );
     }
     let size = match space.size() {
+        Some(u64::MAX) => "too many points to count".to_string(),
         Some(n) => format!("{} points", group(n)),
         None => "infinite (continuous ranges)".to_string(),
     };

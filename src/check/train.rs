@@ -382,6 +382,19 @@ fn check_ranges(what: &str, expr: &Expr, a: &Args) -> Result<(), Diagnostic> {
 }
 
 fn count(expr: &Expr, value: &Value, key: &str, min: i64) -> Result<usize, Diagnostic> {
+    if let Value::Word(word) = value {
+        return Err(Diagnostic::error(
+            codes::UNKNOWN_HPARAM,
+            format!("unknown hyperparameter `{word}`"),
+        )
+        .primary(
+            expr.span.clone(),
+            "not a number or a declared hyperparameter",
+        )
+        .help(format!(
+            "declare it in the model's `search` section, or write a number for `{key}`"
+        )));
+    }
     match value.as_i64() {
         Some(n) if n >= min => Ok(n as usize),
         _ => Err(Diagnostic::error(
@@ -449,7 +462,20 @@ fn call_of<'t>(
         .filter_map(|(k, v)| k.map(|k| (k, v)))
         .collect();
     let bound = bind(table, &pairs).map(|args| (*name, args)).map_err(|e| {
-        let call = ast_call.expect("a bare name has no arguments to reject");
+        let Some(call) = ast_call else {
+            // A bare name such as `step` binds no arguments, so only a
+            // required one can be missing.
+            let missing = match e {
+                super::args::BindError::Missing { name: missing } => missing,
+                _ => "an argument",
+            };
+            return Diagnostic::error(
+                codes::MISSING_ARGUMENT,
+                format!("missing argument `{missing}` for {what} `{name}`"),
+            )
+            .primary(expr.span.clone(), format!("`{missing}` is required"))
+            .help(format!("write `{name}({missing} = ...)`"));
+        };
         let keywords: Vec<KeywordArg> = call
             .keywords()
             .zip(&pairs)

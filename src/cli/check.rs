@@ -10,10 +10,10 @@ use std::io::IsTerminal;
 use std::path::Path;
 
 pub fn run(path: &Path, format: Format) -> u8 {
-    let text = match std::fs::read_to_string(path) {
+    let text = match super::read_model_file(path) {
         Ok(text) => text,
-        Err(e) => {
-            eprintln!("kiln: cannot read `{}`: {e}", path.display());
+        Err(message) => {
+            eprintln!("kiln: {message}");
             return exit::USAGE;
         }
     };

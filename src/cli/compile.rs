@@ -59,10 +59,10 @@ pub fn compile_text(instance: &Instance, batch: usize, mode: GraphMode) -> Resul
 /// Reads and checks a model file, printing diagnostics; returns the named
 /// model (or the first) at its default point when the file is valid.
 pub fn load_instance(path: &Path, model: Option<&str>) -> Option<Instance> {
-    let text = match std::fs::read_to_string(path) {
+    let text = match super::read_model_file(path) {
         Ok(text) => text,
-        Err(e) => {
-            eprintln!("kiln: cannot read `{}`: {e}", path.display());
+        Err(message) => {
+            eprintln!("kiln: {message}");
             return None;
         }
     };

@@ -95,6 +95,40 @@ pub fn main() -> ExitCode {
     ExitCode::from(status)
 }
 
+/// The largest `.model` file kiln reads; real models are a few kilobytes.
+const MAX_MODEL_BYTES: u64 = 1 << 20;
+
+/// Reads a `.model` file as UTF-8 text, rejecting special files, files over
+/// [`MAX_MODEL_BYTES`] and invalid UTF-8 with a message that says where.
+///
+/// # Errors
+/// Returns the message to print.
+pub fn read_model_file(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    let shown = path.display();
+    let metadata = std::fs::metadata(path).map_err(|e| format!("cannot read `{shown}`: {e}"))?;
+    if !metadata.is_file() {
+        return Err(format!("cannot read `{shown}`: not a regular file"));
+    }
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read `{shown}`: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_MODEL_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read `{shown}`: {e}"))?;
+    if bytes.len() as u64 > MAX_MODEL_BYTES {
+        return Err(format!(
+            "`{shown}` is larger than {} MiB; a model file is text of a few kilobytes",
+            MAX_MODEL_BYTES >> 20
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = valid.iter().filter(|b| **b == b'\n').count() + 1;
+        let column = valid.iter().rev().take_while(|b| **b != b'\n').count() + 1;
+        format!("`{shown}` is not valid UTF-8 text: invalid byte at {line}:{column}")
+    })
+}
+
 fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "warn",

@@ -125,4 +125,6 @@ pub mod codes {
     pub const UNREACHABLE: &str = "W0001";
     pub const UNUSED_HPARAM: &str = "W0002";
     pub const OVER_BUDGET: &str = "W0003";
+    pub const CHANNELS_LAST: &str = "W0004";
+    pub const TOO_MANY: &str = "E0002";
 }

@@ -197,11 +197,15 @@ fn parse_statement(pair: Pair<Rule>) -> Stmt {
         },
         Rule::output_stmt => {
             let name = parse_ident(next());
-            let shape = inner.next().map(parse_shape);
+            let shape_pair = inner.next();
+            // The statement ends at its name or shape, not at whatever
+            // comments follow it.
+            let end = shape_pair.as_ref().map_or(name.span.end, |p| span(p).end);
+            let shape = shape_pair.map(parse_shape);
             Stmt::Output {
                 name,
                 shape,
-                span: stmt_span,
+                span: stmt_span.start..end,
             }
         }
         Rule::assign_stmt => Stmt::Assign {
