@@ -7,8 +7,10 @@
 pub mod autodiff;
 pub mod check;
 pub mod cli;
+pub mod data;
 pub mod diag;
 pub mod interp;
 pub mod ir;
 pub mod rng;
+pub mod runtime;
 pub mod syntax;

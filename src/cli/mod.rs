@@ -4,6 +4,7 @@
 
 mod check;
 mod compile;
+mod train;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -35,6 +36,12 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+    /// Train a model on data, with checkpoints, logs and callbacks.
+    Train(Box<train::TrainArgs>),
+    /// Evaluate a checkpoint: loss, accuracy and a confusion matrix.
+    Eval(train::EvalArgs),
+    /// Write the predicted class and probabilities of every sample.
+    Predict(train::PredictArgs),
     /// Compile a model at its default point and print an intermediate form.
     Compile {
         /// The `.model` file.
@@ -84,6 +91,9 @@ pub fn main() -> ExitCode {
     init_logging(cli.verbose);
     let status = match cli.command {
         Command::Check { file, format } => check::run(&file, format),
+        Command::Train(args) => train::train(*args),
+        Command::Eval(args) => train::eval(args),
+        Command::Predict(args) => train::predict(args),
         Command::Compile {
             file,
             emit,

@@ -1,0 +1,565 @@
+//! `kiln train`, `kiln eval` and `kiln predict`.
+
+use super::exit;
+use crate::check::space::Point;
+use crate::check::train::Optimizer;
+use crate::check::value::Value;
+use crate::check::{Instance, Program};
+use crate::data::{self, Dataset, LabelColumn};
+use crate::diag::render::{self, SourceFile};
+use crate::runtime::checkpoint::{Checkpoint, Metadata};
+use crate::runtime::engine::Engine;
+use crate::runtime::evaluate::{batch_tensor, evaluate};
+use crate::runtime::{self, Output, TrainError, TrainSetup};
+use clap::Args;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Exit status after Ctrl-C, as shells report a process killed by SIGINT.
+const INTERRUPTED: u8 = 130;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The `.model` file.
+    pub file: PathBuf,
+    /// Training data: an IDX, CSV, `.npy` or `.npz` file (optionally gzip),
+    /// or a folder of IDX files.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Test data, evaluated after every epoch (a folder's `t10k-*` files
+    /// are used when this is omitted).
+    #[arg(long)]
+    pub test_data: Option<PathBuf>,
+    /// Which model of the file; the first when omitted.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Set a hyperparameter, as `--set width=32`; repeatable.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    pub set: Vec<String>,
+    /// Epochs, overriding the `train` section.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Samples per batch, overriding the `train` section.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Learning rate, overriding the optimizer's.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Random seed, overriding the `train` section.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Fraction of the training data held out for validation.
+    #[arg(long, default_value_t = 0.1)]
+    pub val_split: f64,
+    /// CSV label column: a 0-based index or a header name (default: last).
+    #[arg(long)]
+    pub label_column: Option<String>,
+    /// Folder for `best.safetensors` and `last.safetensors`.
+    #[arg(long, default_value = "checkpoints")]
+    pub checkpoint_dir: PathBuf,
+    /// Write TensorBoard event files to this folder.
+    #[arg(long)]
+    pub logdir: Option<PathBuf>,
+    /// Also log the training loss every this many steps.
+    #[arg(long, default_value_t = 50)]
+    pub log_every: usize,
+    /// Continue from a checkpoint written by an earlier run.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// The executor that runs the kernels.
+    #[arg(long, value_enum, default_value_t = ExecutorArg::Reference)]
+    pub executor: ExecutorArg,
+    /// Print nothing but errors.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Print one JSON record per epoch and a summary record.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExecutorArg {
+    /// The reference executor: plain ndarray code, the definition of every
+    /// operator.
+    Reference,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// A checkpoint written by `kiln train`.
+    pub checkpoint: PathBuf,
+    /// Data to evaluate on (a folder's test split when it has one).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// CSV label column: a 0-based index or a header name (default: last).
+    #[arg(long)]
+    pub label_column: Option<String>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct PredictArgs {
+    /// A checkpoint written by `kiln train`.
+    pub checkpoint: PathBuf,
+    /// Samples to classify; a label column, if present, is ignored.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The CSV file to write: row, class, then one probability per class.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// CSV label column to skip: a 0-based index or a header name.
+    #[arg(long)]
+    pub label_column: Option<String>,
+}
+
+fn label_column(arg: &Option<String>) -> LabelColumn {
+    match arg {
+        None => LabelColumn::Last,
+        Some(text) => match text.parse() {
+            Ok(i) => LabelColumn::Index(i),
+            Err(_) => LabelColumn::Name(text.clone()),
+        },
+    }
+}
+
+/// Parses `--set` text: an integer, a number, or a word.
+fn parse_value(text: &str) -> Value {
+    if let Ok(i) = text.parse::<i64>() {
+        return Value::Int(i);
+    }
+    if let Ok(f) = text.parse::<f64>() {
+        return Value::Float(f);
+    }
+    match text {
+        "true" => Value::Bool(true),
+        "false" => Value::Bool(false),
+        _ => Value::Word(text.to_string()),
+    }
+}
+
+/// Hyperparameter names and values, as source text.
+type Assignments = Vec<(String, String)>;
+
+/// Checks a model file and instantiates one of its models at the point the
+/// assignments select; prints diagnostics on failure.
+fn instantiate(
+    source: &str,
+    file_name: &str,
+    model: Option<&str>,
+    assignments: &[(String, String)],
+) -> Result<(String, Instance, Assignments), String> {
+    let file = SourceFile {
+        name: file_name,
+        text: source,
+    };
+    let report = crate::check::check_source(source);
+    eprint!("{}", render::render_text(&file, &report.diagnostics));
+    if report.has_errors() {
+        return Err(format!("`{file_name}` is not a valid model"));
+    }
+    let program = Program::parse(source).map_err(|d| d.message)?;
+    let ast = match model {
+        Some(name) => program.model(name),
+        None => program.file.models.first(),
+    }
+    .ok_or_else(|| format!("no model `{}` in `{file_name}`", model.unwrap_or("")))?;
+    let (space, _) = program.space(ast);
+    let mut partial = Point::default();
+    for (name, text) in assignments {
+        let hparam = space
+            .get(name)
+            .ok_or_else(|| format!("`--set {name}`: the model has no hyperparameter `{name}`"))?;
+        let value = parse_value(text);
+        if !hparam.domain.contains(&value) {
+            return Err(format!(
+                "`--set {name}={text}`: {text} is outside {}",
+                hparam.domain
+            ));
+        }
+        partial.set(name, value);
+    }
+    let point = space.complete(partial);
+    let instance = program.instantiate(ast, &space, &point).map_err(|errors| {
+        eprint!("{}", render::render_text(&file, &errors));
+        format!("the model is invalid at {point}")
+    })?;
+    let point_text = point
+        .0
+        .iter()
+        .map(|(n, v)| (n.clone(), v.to_string()))
+        .collect();
+    Ok((ast.name.name.clone(), instance, point_text))
+}
+
+fn with_lr(optimizer: &Optimizer, lr: f64) -> Optimizer {
+    let mut optimizer = optimizer.clone();
+    match &mut optimizer {
+        Optimizer::Sgd { lr: l, .. }
+        | Optimizer::Adam { lr: l, .. }
+        | Optimizer::AdamW { lr: l, .. }
+        | Optimizer::RmsProp { lr: l, .. } => *l = lr,
+    }
+    optimizer
+}
+
+fn split_assignment(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .ok_or_else(|| format!("`--set {text}`: expected NAME=VALUE"))
+}
+
+pub fn train(args: TrainArgs) -> u8 {
+    match run_train(args) {
+        Ok(status) => status,
+        Err((status, message)) => {
+            eprintln!("kiln: {message}");
+            status
+        }
+    }
+}
+
+fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
+    let usage = |m: String| (exit::USAGE, m);
+    let ExecutorArg::Reference = args.executor;
+    if !(0.0..1.0).contains(&args.val_split) {
+        return Err(usage(format!(
+            "--val-split must be at least 0 and below 1, found {}",
+            args.val_split
+        )));
+    }
+    let resume = match &args.resume {
+        Some(path) => Some((
+            Checkpoint::load(path).map_err(|e| usage(e.to_string()))?,
+            path.clone(),
+        )),
+        None => None,
+    };
+    let (source, assignments) = match &resume {
+        // A resumed run trains the checkpoint's own model and point.
+        Some((checkpoint, _)) => (
+            checkpoint.meta.source.clone(),
+            checkpoint.meta.point.clone(),
+        ),
+        None => {
+            let source = super::read_model_file(&args.file).map_err(usage)?;
+            let assignments = args
+                .set
+                .iter()
+                .map(|s| split_assignment(s))
+                .collect::<Result<_, _>>()
+                .map_err(usage)?;
+            (source, assignments)
+        }
+    };
+    let name = args.file.display().to_string();
+    let (model_name, mut instance, point) =
+        instantiate(&source, &name, args.model.as_deref(), &assignments)
+            .map_err(|m| (exit::INVALID_MODEL, m))?;
+    apply_overrides(&mut instance, &args, resume.as_ref().map(|(c, _)| &c.meta));
+
+    let loaded = data::load(&args.data, &label_column(&args.label_column))
+        .map_err(|e| usage(e.to_string()))?;
+    let test = match &args.test_data {
+        Some(path) => Some(
+            data::load(path, &label_column(&args.label_column))
+                .map_err(|e| usage(e.to_string()))?
+                .train,
+        ),
+        None => loaded.test,
+    };
+    let output = if args.json {
+        Output::Json
+    } else if args.quiet {
+        Output::Quiet
+    } else if std::io::stdout().is_terminal() {
+        Output::Bar
+    } else {
+        Output::Lines
+    };
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let flag = interrupt.clone();
+    // The first Ctrl-C asks the loop to checkpoint and stop; a second one
+    // exits at once.
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(INTERRUPTED as i32);
+        }
+    });
+    let setup = TrainSetup {
+        model_name,
+        source,
+        point,
+        instance,
+        train: loaded.train,
+        test,
+        val_split: args.val_split,
+        checkpoint_dir: args.checkpoint_dir.clone(),
+        logdir: args.logdir.clone(),
+        log_every: args.log_every,
+        output,
+        resume,
+        interrupt,
+    };
+    match runtime::train(setup) {
+        Ok(summary) => {
+            print_summary(&summary, output, &args.checkpoint_dir);
+            Ok(if summary.interrupted {
+                INTERRUPTED
+            } else {
+                exit::OK
+            })
+        }
+        Err(e @ TrainError::Diverged { .. }) => Err((exit::INVALID_MODEL, e.to_string())),
+        Err(e @ TrainError::Data(_)) => Err(usage(e.to_string())),
+        Err(e) => Err((exit::USAGE, e.to_string())),
+    }
+}
+
+fn apply_overrides(instance: &mut Instance, args: &TrainArgs, resumed: Option<&Metadata>) {
+    let config = &mut instance.train;
+    if let Some(meta) = resumed {
+        config.epochs = meta.epochs;
+        config.batch_size = meta.batch_size;
+        config.seed = meta.seed;
+    }
+    if let Some(epochs) = args.epochs {
+        config.epochs = epochs.max(1);
+    }
+    if let Some(batch) = args.batch_size {
+        config.batch_size = batch.max(1);
+    }
+    if let Some(seed) = args.seed {
+        config.seed = seed;
+    }
+    if let Some(lr) = args.lr.filter(|lr| *lr > 0.0 && lr.is_finite()) {
+        config.optimizer = with_lr(&config.optimizer, lr);
+    }
+}
+
+fn print_summary(summary: &runtime::Summary, output: Output, dir: &Path) {
+    let last = summary.history.last();
+    match output {
+        Output::Quiet => {}
+        Output::Json => {
+            let value = serde_json::json!({
+                "event": "summary",
+                "epochs": summary.history.len(),
+                "monitor": summary.monitor.name(),
+                "best": summary.best.map(|(v, e)| serde_json::json!({"value": v, "epoch": e})),
+                "final": last,
+                "seconds": summary.seconds,
+                "checkpoint": summary.checkpoint,
+                "interrupted": summary.interrupted,
+                "stopped_early": summary.stopped_early,
+            });
+            println!("{value}");
+        }
+        Output::Bar | Output::Lines => {
+            if summary.interrupted {
+                println!(
+                    "interrupted; resume with --resume {}",
+                    dir.join("last.safetensors").display()
+                );
+                return;
+            }
+            if summary.stopped_early {
+                println!("stopped early: {} did not improve", summary.monitor.name());
+            }
+            if let Some((value, epoch)) = summary.best {
+                println!(
+                    "best {} {value:.4} at epoch {epoch}",
+                    summary.monitor.name()
+                );
+            }
+            if let Some(r) = last {
+                if let (Some(loss), Some(acc)) = (r.val_loss, r.val_accuracy) {
+                    println!("final val_loss {loss:.4}  val_accuracy {:.2}%", 100.0 * acc);
+                }
+                if let (Some(loss), Some(acc)) = (r.test_loss, r.test_accuracy) {
+                    println!(
+                        "final test_loss {loss:.4}  test_accuracy {:.2}%",
+                        100.0 * acc
+                    );
+                }
+            }
+            println!(
+                "{} epochs in {:.1}s; checkpoint {}",
+                summary.history.len(),
+                summary.seconds,
+                summary.checkpoint.display()
+            );
+        }
+    }
+}
+
+/// A checkpoint with its model instantiated, its normalisation applied to
+/// `data`.
+struct Restored {
+    instance: Instance,
+    meta: Metadata,
+    weights: crate::interp::Weights,
+}
+
+fn restore(path: &Path) -> Result<Restored, (u8, String)> {
+    let checkpoint = Checkpoint::load(path).map_err(|e| (exit::USAGE, e.to_string()))?;
+    let meta = checkpoint.meta.clone();
+    let name = format!("{} (in {})", meta.model, path.display());
+    let (_, instance, _) = instantiate(&meta.source, &name, Some(&meta.model), &meta.point)
+        .map_err(|m| (exit::INVALID_MODEL, m))?;
+    let graph = crate::ir::lower(&instance.graph, 1, crate::ir::Mode::Infer)
+        .map_err(|e| (exit::INVALID_MODEL, e.to_string()))?;
+    let weights = checkpoint
+        .weights(&graph, path)
+        .map_err(|e| (exit::USAGE, e.to_string()))?;
+    Ok(Restored {
+        instance,
+        meta,
+        weights,
+    })
+}
+
+fn prepare(mut data: Dataset, meta: &Metadata) -> Result<Dataset, (u8, String)> {
+    data.check_fits(&meta.input_shape, meta.classes)
+        .map_err(|e| (exit::USAGE, e.to_string()))?;
+    meta.normalization.apply(&mut data);
+    Ok(data)
+}
+
+pub fn eval(args: EvalArgs) -> u8 {
+    let result = (|| {
+        let restored = restore(&args.checkpoint)?;
+        let loaded = data::load(&args.data, &label_column(&args.label_column))
+            .map_err(|e| (exit::USAGE, e.to_string()))?;
+        let (split, data) = match loaded.test {
+            Some(test) => ("test split", test),
+            None => ("data", loaded.train),
+        };
+        let data = prepare(data, &restored.meta)?;
+        let mut engine = Engine::new(
+            restored.instance.graph.clone(),
+            restored.instance.train.loss.clone(),
+        );
+        let metrics = evaluate(
+            &mut engine,
+            &restored.weights,
+            &data,
+            &restored.meta.input_shape,
+            restored.meta.classes,
+            &restored.instance.train.loss,
+            restored.meta.batch_size.max(1),
+        )
+        .map_err(|e| (exit::USAGE, e.to_string()))?;
+        if args.json {
+            let value = serde_json::json!({
+                "samples": metrics.samples,
+                "loss": metrics.loss(),
+                "accuracy": metrics.accuracy(),
+                "top5_accuracy": metrics.top5(),
+                "confusion": metrics.confusion,
+            });
+            println!("{value}");
+            return Ok(exit::OK);
+        }
+        println!(
+            "{} samples ({split} of {})",
+            metrics.samples,
+            args.data.display()
+        );
+        println!("loss      {:.4}", metrics.loss());
+        println!("accuracy  {:.2}%", 100.0 * metrics.accuracy());
+        if let Some(top5) = metrics.top5() {
+            println!("top-5     {:.2}%", 100.0 * top5);
+        }
+        println!("confusion matrix (rows: true class, columns: predicted)");
+        print!("{}", confusion_table(&metrics.confusion));
+        Ok(exit::OK)
+    })();
+    result.unwrap_or_else(|(status, message)| {
+        eprintln!("kiln: {message}");
+        status
+    })
+}
+
+fn confusion_table(confusion: &[Vec<usize>]) -> String {
+    let width = confusion
+        .iter()
+        .flatten()
+        .max()
+        .map_or(1, |m| m.to_string().len())
+        .max(3);
+    let mut out = format!("{:>4}", "");
+    for c in 0..confusion.len() {
+        out += &format!(" {c:>width$}");
+    }
+    out.push('\n');
+    for (t, row) in confusion.iter().enumerate() {
+        out += &format!("{t:>4}");
+        for count in row {
+            out += &format!(" {count:>width$}");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+pub fn predict(args: PredictArgs) -> u8 {
+    let result = (|| {
+        let restored = restore(&args.checkpoint)?;
+        let needed: usize = restored.meta.input_shape.iter().product();
+        let column = label_column(&args.label_column);
+        let mut data = data::load(&args.data, &column)
+            .map_err(|e| (exit::USAGE, e.to_string()))?
+            .train;
+        if data.features + 1 == needed && column == LabelColumn::Last {
+            // The file has no label column.
+            data = data::load(&args.data, &LabelColumn::None)
+                .map_err(|e| (exit::USAGE, e.to_string()))?
+                .train;
+        }
+        data.labels.iter_mut().for_each(|l| *l = 0);
+        let data = prepare(data, &restored.meta)?;
+        let mut engine = Engine::new(
+            restored.instance.graph.clone(),
+            restored.instance.train.loss.clone(),
+        );
+        let mut out = String::from("row,class");
+        for c in 0..restored.meta.classes {
+            out += &format!(",p{c}");
+        }
+        out.push('\n');
+        let indices: Vec<usize> = (0..data.len()).collect();
+        for chunk in indices.chunks(restored.meta.batch_size.max(1)) {
+            let x = batch_tensor(&data, chunk, &restored.meta.input_shape);
+            let logits = engine
+                .predict(&restored.weights, &x)
+                .map_err(|e| (exit::USAGE, e.to_string()))?;
+            let probabilities = crate::interp::ops::softmax(&logits);
+            for (&row, p) in chunk.iter().zip(probabilities.outer_iter()) {
+                let class = p
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map_or(0, |(c, _)| c);
+                out += &format!("{row},{class}");
+                for v in p {
+                    out += &format!(",{v:.6}");
+                }
+                out.push('\n');
+            }
+        }
+        crate::runtime::checkpoint::write_atomic(&args.out, out.as_bytes(), |f, d| {
+            std::io::Write::write_all(f, d)
+        })
+        .map_err(|e| (exit::USAGE, e.to_string()))?;
+        eprintln!("wrote {} predictions to {}", data.len(), args.out.display());
+        Ok(exit::OK)
+    })();
+    result.unwrap_or_else(|(status, message)| {
+        eprintln!("kiln: {message}");
+        status
+    })
+}

@@ -1,0 +1,133 @@
+//! NumPy files: `.npz` archives with `x`/`y` (or Keras' `x_train`,
+//! `y_train`, `x_test`, `y_test`) arrays, and `.npy` matrices whose last
+//! column is the label.
+
+use super::{DataError, Dataset, Loaded};
+use ndarray::{ArrayD, IxDyn};
+use ndarray_npy::{NpzReader, ReadNpyExt};
+use std::path::Path;
+
+/// Converts an array of any numeric type NumPy commonly uses to `f32`.
+fn read_any<R: std::io::Read + std::io::Seek>(
+    npz: &mut NpzReader<R>,
+    name: &str,
+) -> Option<ArrayD<f32>> {
+    if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<f32>, IxDyn>(name) {
+        return Some(a);
+    }
+    if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<f64>, IxDyn>(name) {
+        return Some(a.mapv(|v| v as f32));
+    }
+    if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<u8>, IxDyn>(name) {
+        return Some(a.mapv(|v| v as f32));
+    }
+    if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<i64>, IxDyn>(name) {
+        return Some(a.mapv(|v| v as f32));
+    }
+    if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<i32>, IxDyn>(name) {
+        return Some(a.mapv(|v| v as f32));
+    }
+    None
+}
+
+fn dataset(path: &Path, x: ArrayD<f32>, y: ArrayD<f32>, what: &str) -> Result<Dataset, DataError> {
+    let n = x.shape().first().copied().unwrap_or(0);
+    if y.len() != n {
+        return Err(DataError::invalid(
+            path,
+            "NumPy",
+            format!("{what}: {n} samples but {} labels", y.len()),
+        ));
+    }
+    let labels = y
+        .iter()
+        .map(|&v| {
+            if v >= 0.0 && v.fract() == 0.0 {
+                Ok(v as usize)
+            } else {
+                Err(DataError::invalid(
+                    path,
+                    "NumPy",
+                    format!("{what}: label {v} is not a class index"),
+                ))
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Dataset {
+        features: x.len() / n.max(1),
+        x: x.as_standard_layout().iter().copied().collect(),
+        labels,
+        source: format!("`{}`", path.display()),
+    })
+}
+
+pub fn load_npz(path: &Path) -> Result<Loaded, DataError> {
+    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut npz =
+        NpzReader::new(file).map_err(|e| DataError::invalid(path, "NumPy .npz", e.to_string()))?;
+    let names = npz
+        .names()
+        .map_err(|e| DataError::invalid(path, "NumPy .npz", e.to_string()))?;
+    let has = |n: &str| names.iter().any(|m| m == n || m == &format!("{n}.npy"));
+    let mut read = |n: &str| {
+        let key = if names.iter().any(|m| m == n) {
+            n.to_string()
+        } else {
+            format!("{n}.npy")
+        };
+        read_any(&mut npz, &key).ok_or_else(|| DataError::invalid(path, "NumPy .npz", format!("array `{n}` has an unsupported type; use float32, float64, uint8, int32 or int64")))
+    };
+    if has("x_train") && has("y_train") {
+        let train = dataset(path, read("x_train")?, read("y_train")?, "x_train")?;
+        let test = if has("x_test") && has("y_test") {
+            Some(dataset(path, read("x_test")?, read("y_test")?, "x_test")?)
+        } else {
+            None
+        };
+        return Ok(Loaded { train, test });
+    }
+    if has("x") && has("y") {
+        return Ok(Loaded {
+            train: dataset(path, read("x")?, read("y")?, "x")?,
+            test: None,
+        });
+    }
+    Err(DataError::invalid(
+        path,
+        "NumPy .npz",
+        format!(
+            "expected arrays `x` and `y` (or `x_train` and `y_train`), found {}",
+            names.join(", ")
+        ),
+    ))
+}
+
+pub fn load_npy(path: &Path) -> Result<Dataset, DataError> {
+    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let matrix = ArrayD::<f32>::read_npy(file)
+        .or_else(|_| {
+            let file = std::fs::File::open(path).map_err(ndarray_npy::ReadNpyError::Io)?;
+            ArrayD::<f64>::read_npy(file).map(|a| a.mapv(|v| v as f32))
+        })
+        .map_err(|e| DataError::invalid(path, "NumPy .npy", e.to_string()))?;
+    if matrix.ndim() != 2 || matrix.shape()[1] < 2 {
+        return Err(DataError::invalid(
+            path,
+            "NumPy .npy",
+            format!(
+                "expected a 2-D matrix with the label in the last column, found shape {:?}",
+                matrix.shape()
+            ),
+        ));
+    }
+    let columns = matrix.shape()[1];
+    let x = matrix
+        .slice(ndarray::s![.., ..columns - 1])
+        .to_owned()
+        .into_dyn();
+    let y = matrix
+        .slice(ndarray::s![.., columns - 1])
+        .to_owned()
+        .into_dyn();
+    dataset(path, x, y, "matrix")
+}

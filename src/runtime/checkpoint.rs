@@ -1,0 +1,297 @@
+//! Checkpoints: weights, running statistics and optimizer buffers as one
+//! `.safetensors` file, with the training state as JSON in its metadata.
+//!
+//! Tensor names are the IR's: `<layer>.weight`, `<layer>.bias`,
+//! `<layer>.running_mean`, and `optimizer.<buffer>/<layer>.<tensor>` for the
+//! optimizer's buffers, so the Python `safetensors` package loads them as a
+//! state dict. Files are written to a temporary name, synced and renamed, so
+//! a failed write (a full disk, say) leaves the previous checkpoint intact.
+
+use crate::data::Normalization;
+use crate::interp::optim::OptimizerState;
+use crate::interp::{Tensor, Weights};
+use crate::ir::Graph;
+use ndarray::IxDyn;
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The metadata key that holds [`Metadata`] as JSON.
+const METADATA_KEY: &str = "kiln";
+const FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot write checkpoint `{path}`: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read checkpoint `{path}`: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`{path}` is not a kiln checkpoint: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// One epoch's metrics, as the history in a checkpoint and the JSON log
+/// record them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub loss: f64,
+    pub accuracy: f64,
+    pub top5_accuracy: Option<f64>,
+    pub val_loss: Option<f64>,
+    pub val_accuracy: Option<f64>,
+    pub test_loss: Option<f64>,
+    pub test_accuracy: Option<f64>,
+    pub lr: f64,
+    pub seconds: f64,
+}
+
+/// State of the callbacks that carry over between epochs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CallbackState {
+    /// Best monitored value so far and its epoch (early stopping and the
+    /// best checkpoint).
+    pub best: Option<(f64, usize)>,
+    /// Epochs since the early-stopping monitor last improved.
+    pub stale_epochs: usize,
+    /// The same for reduce-on-plateau, with its own best and cooldown.
+    pub plateau_best: Option<f64>,
+    pub plateau_stale: usize,
+    pub cooldown: usize,
+}
+
+/// Everything besides tensors that resuming and evaluating need.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metadata {
+    pub format: u32,
+    pub model: String,
+    /// The `.model` file's text, so a checkpoint is self-contained.
+    pub source: String,
+    pub source_sha256: String,
+    /// The hyperparameters of the trained point, as source text.
+    pub point: Vec<(String, String)>,
+    /// Epochs completed.
+    pub epoch: usize,
+    /// Batches done in the current epoch (non-zero after an interruption).
+    pub batch_in_epoch: usize,
+    /// Optimizer steps taken in all; dropout masks are keyed by it.
+    pub global_step: u64,
+    pub seed: u64,
+    pub lr: f64,
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub val_split: f64,
+    pub normalization: Normalization,
+    pub input_shape: Vec<usize>,
+    pub classes: usize,
+    pub callbacks: CallbackState,
+    pub history: Vec<EpochRecord>,
+}
+
+/// A loaded checkpoint.
+pub struct Checkpoint {
+    pub meta: Metadata,
+    tensors: HashMap<String, Tensor>,
+}
+
+pub fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn bytes_of(t: &Tensor) -> Vec<u8> {
+    t.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Serialises weights, optimizer buffers and metadata.
+fn encode(
+    graph: &Graph,
+    weights: &Weights,
+    optimizer: &OptimizerState,
+    meta: &Metadata,
+) -> Vec<u8> {
+    let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (info, t) in graph.params.iter().zip(&weights.params) {
+        named.push((info.name.clone(), t.shape().to_vec(), bytes_of(t)));
+    }
+    for (info, t) in graph.states.iter().zip(&weights.states) {
+        named.push((info.name.clone(), t.shape().to_vec(), bytes_of(t)));
+    }
+    for (info, buffers) in graph.params.iter().zip(&optimizer.buffers) {
+        for (slot, buffer) in ["m", "v"].iter().zip(buffers) {
+            if let Some(t) = buffer {
+                named.push((
+                    format!("optimizer.{slot}/{}", info.name),
+                    t.shape().to_vec(),
+                    bytes_of(t),
+                ));
+            }
+        }
+    }
+    let views: Vec<(String, TensorView)> = named
+        .iter()
+        .map(|(name, shape, data)| {
+            let view = TensorView::new(Dtype::F32, shape.clone(), data).expect("sizes agree");
+            (name.clone(), view)
+        })
+        .collect();
+    let json = serde_json::to_string(meta).expect("metadata serialises");
+    let info = HashMap::from([(METADATA_KEY.to_string(), json)]);
+    safetensors::serialize(views, Some(info)).expect("valid tensors")
+}
+
+/// Writes a checkpoint atomically.
+///
+/// # Errors
+/// When the file cannot be written; the previous file at `path`, if any, is
+/// then unchanged.
+pub fn save(
+    path: &Path,
+    graph: &Graph,
+    weights: &Weights,
+    optimizer: &OptimizerState,
+    meta: &Metadata,
+) -> Result<(), CheckpointError> {
+    let bytes = encode(graph, weights, optimizer, meta);
+    write_atomic(path, &bytes, |file, data| file.write_all(data))
+}
+
+/// Writes `bytes` through `write` to a temporary file beside `path`, syncs
+/// it and renames it over `path`. On failure the temporary file is removed.
+pub fn write_atomic(
+    path: &Path,
+    bytes: &[u8],
+    write: impl FnOnce(&mut std::fs::File, &[u8]) -> std::io::Result<()>,
+) -> Result<(), CheckpointError> {
+    let error = |source| CheckpointError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(error)?;
+    }
+    let temp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let result = std::fs::File::create(&temp).and_then(|mut file| {
+        write(&mut file, bytes)?;
+        file.sync_all()
+    });
+    if let Err(e) = result.and_then(|()| std::fs::rename(&temp, path)) {
+        let _ = std::fs::remove_file(&temp);
+        return Err(error(e));
+    }
+    Ok(())
+}
+
+impl Checkpoint {
+    /// Reads a checkpoint file.
+    ///
+    /// # Errors
+    /// When the file cannot be read or is not a kiln checkpoint.
+    pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
+        let bytes = std::fs::read(path).map_err(|source| CheckpointError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let invalid = |reason: String| CheckpointError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| invalid(e.to_string()))?;
+        let json = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(METADATA_KEY))
+            .ok_or_else(|| invalid("no kiln metadata in the safetensors header".into()))?;
+        let meta: Metadata = serde_json::from_str(json).map_err(|e| invalid(e.to_string()))?;
+        if meta.format != FORMAT {
+            return Err(invalid(format!(
+                "format {} is not supported (expected {FORMAT})",
+                meta.format
+            )));
+        }
+        let tensors = SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
+        let mut map = HashMap::new();
+        for (name, view) in tensors.tensors() {
+            if view.dtype() != Dtype::F32 {
+                return Err(invalid(format!("tensor `{name}` is not float32")));
+            }
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let tensor = Tensor::from_shape_vec(IxDyn(view.shape()), values)
+                .map_err(|e| invalid(e.to_string()))?;
+            map.insert(name, tensor);
+        }
+        Ok(Checkpoint { meta, tensors: map })
+    }
+
+    /// The weights for `graph`, by name.
+    ///
+    /// # Errors
+    /// Names the first tensor that is missing or has the wrong shape.
+    pub fn weights(&self, graph: &Graph, path: &Path) -> Result<Weights, CheckpointError> {
+        let get = |name: &str, shape: &[usize]| {
+            let t = self
+                .tensors
+                .get(name)
+                .ok_or_else(|| CheckpointError::Invalid {
+                    path: path.to_path_buf(),
+                    reason: format!("tensor `{name}` is missing"),
+                })?;
+            if t.shape() != shape {
+                return Err(CheckpointError::Invalid {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "tensor `{name}` has shape {:?}, the model needs {shape:?}",
+                        t.shape()
+                    ),
+                });
+            }
+            Ok(t.clone())
+        };
+        Ok(Weights {
+            params: graph
+                .params
+                .iter()
+                .map(|p| get(&p.name, &p.shape))
+                .collect::<Result<_, _>>()?,
+            states: graph
+                .states
+                .iter()
+                .map(|s| get(&s.name, &s.shape))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Restores optimizer buffers saved with the weights.
+    pub fn optimizer_buffers(&self, graph: &Graph) -> Vec<[Option<Tensor>; 2]> {
+        graph
+            .params
+            .iter()
+            .map(|p| {
+                [
+                    self.tensors
+                        .get(&format!("optimizer.m/{}", p.name))
+                        .cloned(),
+                    self.tensors
+                        .get(&format!("optimizer.v/{}", p.name))
+                        .cloned(),
+                ]
+            })
+            .collect()
+    }
+}

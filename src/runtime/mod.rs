@@ -1,0 +1,654 @@
+//! Training, evaluation and prediction on real data: the loop behind
+//! `kiln train`, with schedules, callbacks, progress, TensorBoard logs and
+//! checkpoints.
+//!
+//! A run is deterministic: shuffling, augmentation, dropout and
+//! initialisation all draw from the counter-based generator keyed by the
+//! seed, the epoch and the step, and the reference executor computes in a
+//! fixed order. The same seed, data and model give bit-identical weights,
+//! and resuming from a checkpoint continues exactly where the run stopped.
+
+pub mod augment;
+pub mod checkpoint;
+pub mod engine;
+pub mod evaluate;
+mod progress;
+pub mod schedule;
+pub mod tensorboard;
+
+use crate::check::train::{Callback, Monitor, Save, TrainConfig};
+use crate::check::Instance;
+use crate::data::{Dataset, Normalization};
+use crate::interp::optim::OptimizerState;
+use crate::interp::Weights;
+use checkpoint::{CallbackState, Checkpoint, CheckpointError, EpochRecord, Metadata};
+use engine::{Engine, EngineError};
+use evaluate::{batch_tensor, evaluate, Metrics};
+pub use progress::Output;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error("training diverged at epoch {epoch}, step {step}: the loss is {loss}; the first non-finite value is {tensor}")]
+    Diverged {
+        epoch: usize,
+        step: usize,
+        loss: f32,
+        tensor: String,
+    },
+    #[error("cannot write logs to `{path}`: {source}")]
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Everything a run needs, resolved by the command line.
+pub struct TrainSetup {
+    pub model_name: String,
+    pub source: String,
+    /// The hyperparameters of the trained point, as source text.
+    pub point: Vec<(String, String)>,
+    pub instance: Instance,
+    pub train: Dataset,
+    pub test: Option<Dataset>,
+    pub val_split: f64,
+    pub checkpoint_dir: PathBuf,
+    pub logdir: Option<PathBuf>,
+    /// Scalars are also logged every this many steps.
+    pub log_every: usize,
+    pub output: Output,
+    pub resume: Option<(Checkpoint, PathBuf)>,
+    pub interrupt: Arc<AtomicBool>,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct Summary {
+    pub history: Vec<EpochRecord>,
+    pub best: Option<(f64, usize)>,
+    pub monitor: Monitor,
+    pub seconds: f64,
+    pub checkpoint: PathBuf,
+    pub interrupted: bool,
+    pub stopped_early: bool,
+}
+
+struct Run {
+    setup: TrainSetup,
+    config: TrainConfig,
+    engine: Engine,
+    weights: Weights,
+    optimizer: OptimizerState,
+    meta: Metadata,
+    shape: Vec<usize>,
+    classes: usize,
+    train: Dataset,
+    val: Option<Dataset>,
+    test: Option<Dataset>,
+    best_weights: Option<Weights>,
+    events: Option<tensorboard::EventWriter>,
+}
+
+/// Trains a model.
+///
+/// # Errors
+/// When the data does not fit the model, the engine or a checkpoint write
+/// fails, or training diverges.
+pub fn train(setup: TrainSetup) -> Result<Summary, TrainError> {
+    let started = Instant::now();
+    let mut run = Run::new(setup)?;
+    let result = run.epochs();
+    let seconds = started.elapsed().as_secs_f64();
+    let (interrupted, stopped_early) = result?;
+    let summary = Summary {
+        history: run.meta.history.clone(),
+        best: run.meta.callbacks.best,
+        monitor: run.monitor(),
+        seconds,
+        checkpoint: run.checkpoint_path("best"),
+        interrupted,
+        stopped_early,
+    };
+    Ok(summary)
+}
+
+impl Run {
+    fn new(setup: TrainSetup) -> Result<Run, TrainError> {
+        let config = setup.instance.train.clone();
+        let graph = &setup.instance.graph;
+        let input = graph.node(graph.inputs[0].1);
+        let shape = input.shape.0.clone();
+        let output = graph.node(graph.output.expect("checked model has an output"));
+        let classes = output.shape.0.iter().product();
+        setup.train.check_fits(&shape, classes)?;
+        if let Some(test) = &setup.test {
+            test.check_fits(&shape, classes)?;
+        }
+
+        let (mut train, mut val) = crate::data::split(&setup.train, setup.val_split, config.seed);
+        let mut test = setup.test.clone();
+        let normalization = match &setup.resume {
+            Some((checkpoint, _)) => checkpoint.meta.normalization.clone(),
+            None => {
+                let channels = if shape.len() == 3 { shape[0] } else { 1 };
+                Normalization::fit(&train, channels)
+            }
+        };
+        for set in [Some(&mut train), val.as_mut(), test.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            normalization.apply(set);
+        }
+
+        let mut engine = Engine::new(graph.clone(), config.loss.clone());
+        let train_graph = engine
+            .train_graph(config.batch_size.min(train.len()).max(1))?
+            .clone();
+        let mut optimizer = OptimizerState::new(config.optimizer.clone());
+        let (weights, meta) = match &setup.resume {
+            Some((checkpoint, path)) => {
+                let weights = checkpoint.weights(&train_graph, path)?;
+                optimizer.buffers = checkpoint.optimizer_buffers(&train_graph);
+                optimizer.step = checkpoint.meta.global_step;
+                (weights, checkpoint.meta.clone())
+            }
+            None => {
+                let meta = Metadata {
+                    format: 1,
+                    model: setup.model_name.clone(),
+                    source: setup.source.clone(),
+                    source_sha256: checkpoint::sha256_hex(&setup.source),
+                    point: setup.point.clone(),
+                    epoch: 0,
+                    batch_in_epoch: 0,
+                    global_step: 0,
+                    seed: config.seed,
+                    lr: config.optimizer.lr(),
+                    batch_size: config.batch_size,
+                    epochs: config.epochs,
+                    val_split: setup.val_split,
+                    normalization,
+                    input_shape: shape.clone(),
+                    classes,
+                    callbacks: CallbackState::default(),
+                    history: Vec::new(),
+                };
+                (Weights::init(&train_graph, config.seed), meta)
+            }
+        };
+        let events =
+            match &setup.logdir {
+                Some(dir) => Some(tensorboard::EventWriter::create(dir).map_err(|source| {
+                    TrainError::Log {
+                        path: dir.clone(),
+                        source,
+                    }
+                })?),
+                None => None,
+            };
+        let mut run = Run {
+            setup,
+            config,
+            engine,
+            weights,
+            optimizer,
+            meta,
+            shape,
+            classes,
+            train,
+            val,
+            test,
+            best_weights: None,
+            events,
+        };
+        run.log_model_summary()?;
+        Ok(run)
+    }
+
+    fn monitor(&self) -> Monitor {
+        let from_callbacks = self.config.callbacks.iter().find_map(|c| match c {
+            Callback::Checkpoint { monitor, .. } | Callback::EarlyStopping { monitor, .. } => {
+                Some(*monitor)
+            }
+            _ => None,
+        });
+        let monitor = from_callbacks.unwrap_or(Monitor::ValLoss);
+        // Without a validation split, validation metrics fall back to training ones.
+        match (monitor, self.val.is_some()) {
+            (Monitor::ValLoss, false) => Monitor::Loss,
+            (Monitor::ValAccuracy, false) => Monitor::Accuracy,
+            (m, _) => m,
+        }
+    }
+
+    fn checkpoint_path(&self, which: &str) -> PathBuf {
+        self.setup
+            .checkpoint_dir
+            .join(format!("{which}.safetensors"))
+    }
+
+    /// Runs the remaining epochs. Returns (interrupted, stopped early).
+    fn epochs(&mut self) -> Result<(bool, bool), TrainError> {
+        let epochs = self.config.epochs;
+        while self.meta.epoch < epochs {
+            let started = Instant::now();
+            let epoch = self.meta.epoch;
+            let Some(train_metrics) = self.train_epoch(epoch)? else {
+                return Ok((true, false));
+            };
+            let record =
+                self.finish_epoch(epoch, &train_metrics, started.elapsed().as_secs_f64())?;
+            self.setup.output.epoch(&record, epochs);
+            if self.callbacks(&record)? {
+                return Ok((false, true));
+            }
+        }
+        Ok((false, false))
+    }
+
+    /// One pass over the training data; `None` when interrupted.
+    fn train_epoch(&mut self, epoch: usize) -> Result<Option<Metrics>, TrainError> {
+        let batch_size = self.config.batch_size.max(1);
+        let order = crate::data::permutation(self.train.len(), self.config.seed, epoch as u64);
+        let batches: Vec<&[usize]> = order.chunks(batch_size).collect();
+        let steps = batches.len();
+        let mut metrics = Metrics::new(self.classes);
+        let bar = self
+            .setup
+            .output
+            .start_epoch(epoch, self.config.epochs, steps, self.train.len());
+        for (step, indices) in batches.iter().enumerate().skip(self.meta.batch_in_epoch) {
+            self.optimizer.lr = schedule::learning_rate(
+                &self.config.schedule,
+                self.meta.lr,
+                epoch,
+                step,
+                steps,
+                self.config.epochs,
+            );
+            let (x, labels) = self.training_batch(indices);
+            let out = self.engine.train_step(
+                &mut self.weights,
+                &mut self.optimizer,
+                &x,
+                &labels,
+                self.meta.global_step,
+            )?;
+            if !out.loss.is_finite() {
+                return Err(TrainError::Diverged {
+                    epoch: epoch + 1,
+                    step: step + 1,
+                    loss: out.loss,
+                    tensor: out.first_non_finite.unwrap_or_else(|| "unknown".into()),
+                });
+            }
+            metrics.add(&out.logits, &labels, out.loss as f64);
+            self.meta.global_step += 1;
+            self.meta.batch_in_epoch = step + 1;
+            self.log_step(out.loss)?;
+            progress::advance(&bar, &metrics, labels.len());
+            if self.setup.interrupt.load(Ordering::SeqCst) {
+                progress::finish(bar);
+                self.save("last")?;
+                return Ok(None);
+            }
+        }
+        progress::finish(bar);
+        self.meta.batch_in_epoch = 0;
+        Ok(Some(metrics))
+    }
+
+    fn training_batch(&self, indices: &[usize]) -> (crate::interp::Tensor, Vec<usize>) {
+        let mut x = batch_tensor(&self.train, indices, &self.shape);
+        if !self.config.augment.is_empty() {
+            let features = self.train.features;
+            let step = self.meta.global_step;
+            for (i, sample) in x
+                .as_slice_mut()
+                .expect("contiguous")
+                .chunks_exact_mut(features)
+                .enumerate()
+            {
+                let key = step * batch_key_stride(indices.len()) + i as u64;
+                augment::apply(
+                    sample,
+                    &self.shape,
+                    &self.config.augment,
+                    self.config.seed,
+                    key,
+                );
+            }
+        }
+        let labels = indices.iter().map(|&i| self.train.labels[i]).collect();
+        (x, labels)
+    }
+
+    fn evaluate_on(&mut self, data: &Dataset) -> Result<Metrics, TrainError> {
+        Ok(evaluate(
+            &mut self.engine,
+            &self.weights,
+            data,
+            &self.shape,
+            self.classes,
+            &self.config.loss,
+            self.config.batch_size.max(1),
+        )?)
+    }
+
+    fn finish_epoch(
+        &mut self,
+        epoch: usize,
+        train: &Metrics,
+        seconds: f64,
+    ) -> Result<EpochRecord, TrainError> {
+        let val = match self.val.clone() {
+            Some(val) => Some(self.evaluate_on(&val)?),
+            None => None,
+        };
+        let test = match self.test.clone() {
+            Some(test) => Some(self.evaluate_on(&test)?),
+            None => None,
+        };
+        let record = EpochRecord {
+            epoch: epoch + 1,
+            loss: train.loss(),
+            accuracy: train.accuracy(),
+            top5_accuracy: train.top5(),
+            val_loss: val.as_ref().map(Metrics::loss),
+            val_accuracy: val.as_ref().map(Metrics::accuracy),
+            test_loss: test.as_ref().map(Metrics::loss),
+            test_accuracy: test.as_ref().map(Metrics::accuracy),
+            lr: self.optimizer.lr,
+            seconds,
+        };
+        self.meta.epoch = epoch + 1;
+        self.meta.history.push(record.clone());
+        self.log_epoch(&record)?;
+        Ok(record)
+    }
+
+    fn monitored(&self, record: &EpochRecord, monitor: Monitor) -> f64 {
+        let value = match monitor {
+            Monitor::Loss => Some(record.loss),
+            Monitor::Accuracy => Some(record.accuracy),
+            Monitor::ValLoss => record.val_loss,
+            Monitor::ValAccuracy => record.val_accuracy,
+        };
+        value.unwrap_or(match monitor {
+            Monitor::Loss | Monitor::ValLoss => record.loss,
+            Monitor::Accuracy | Monitor::ValAccuracy => record.accuracy,
+        })
+    }
+
+    /// Applies the callbacks after an epoch. Returns whether to stop.
+    fn callbacks(&mut self, record: &EpochRecord) -> Result<bool, TrainError> {
+        let monitor = self.monitor();
+        let value = self.monitored(record, monitor);
+        let better = |value: f64, best: f64, delta: f64| {
+            if monitor.maximize() {
+                value > best + delta
+            } else {
+                value < best - delta
+            }
+        };
+        let min_delta = self.config.callbacks.iter().find_map(|c| match c {
+            Callback::EarlyStopping { min_delta, .. } => Some(*min_delta),
+            _ => None,
+        });
+        let improved = match self.meta.callbacks.best {
+            None => true,
+            Some((best, _)) => better(value, best, min_delta.unwrap_or(0.0)),
+        };
+        if improved {
+            self.meta.callbacks.best = Some((value, record.epoch));
+            self.meta.callbacks.stale_epochs = 0;
+        } else {
+            self.meta.callbacks.stale_epochs += 1;
+        }
+
+        self.reduce_lr_on_plateau(record);
+        let save = self.config.callbacks.iter().find_map(|c| match c {
+            Callback::Checkpoint { save, .. } => Some(*save),
+            _ => None,
+        });
+        let save = save.unwrap_or(Save::Both);
+        if improved {
+            if matches!(save, Save::Best | Save::Both) {
+                self.save("best")?;
+            }
+            if self.restores_best() {
+                self.best_weights = Some(self.weights.clone());
+            }
+        }
+        if matches!(save, Save::Last | Save::Both) {
+            self.save("last")?;
+        }
+        self.csv_log(record)?;
+
+        for callback in &self.config.callbacks {
+            if let Callback::EarlyStopping { patience, .. } = callback {
+                if self.meta.callbacks.stale_epochs > *patience {
+                    if let Some(best) = self.best_weights.take() {
+                        self.weights = best;
+                    }
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    fn restores_best(&self) -> bool {
+        self.config.callbacks.iter().any(|c| {
+            matches!(
+                c,
+                Callback::EarlyStopping {
+                    restore_best: true,
+                    ..
+                }
+            )
+        })
+    }
+
+    fn reduce_lr_on_plateau(&mut self, record: &EpochRecord) {
+        for callback in self.config.callbacks.clone() {
+            let Callback::ReduceLrOnPlateau {
+                monitor,
+                factor,
+                patience,
+                min_delta,
+                min_lr,
+                cooldown,
+            } = callback
+            else {
+                continue;
+            };
+            let value = self.monitored(record, monitor);
+            let state = &mut self.meta.callbacks;
+            let improved = match state.plateau_best {
+                None => true,
+                Some(best) if monitor.maximize() => value > best + min_delta,
+                Some(best) => value < best - min_delta,
+            };
+            if improved {
+                state.plateau_best = Some(value);
+                state.plateau_stale = 0;
+            } else {
+                state.plateau_stale += 1;
+            }
+            if state.cooldown > 0 {
+                state.cooldown -= 1;
+                state.plateau_stale = 0;
+            } else if state.plateau_stale > patience {
+                self.meta.lr = (self.meta.lr * factor).max(min_lr);
+                state.cooldown = cooldown;
+                state.plateau_stale = 0;
+            }
+        }
+    }
+
+    fn save(&mut self, which: &str) -> Result<(), TrainError> {
+        let batch = self.config.batch_size.min(self.train.len()).max(1);
+        let graph = self.engine.train_graph(batch)?.clone();
+        let path = self.checkpoint_path(which);
+        let result = checkpoint::save(&path, &graph, &self.weights, &self.optimizer, &self.meta);
+        if let Err(e) = result {
+            // A failed write keeps the previous file; training goes on and
+            // the next epoch tries again.
+            tracing::warn!("{e}; the previous checkpoint is kept");
+            self.setup
+                .output
+                .warn(&format!("{e}; the previous checkpoint is kept"));
+        }
+        Ok(())
+    }
+
+    fn csv_log(&self, record: &EpochRecord) -> Result<(), TrainError> {
+        for callback in &self.config.callbacks {
+            let Callback::CsvLog { path } = callback else {
+                continue;
+            };
+            let path = path
+                .as_ref()
+                .map_or_else(|| self.setup.checkpoint_dir.join("log.csv"), PathBuf::from);
+            append_csv(&path, record).map_err(|source| TrainError::Log { path, source })?;
+        }
+        Ok(())
+    }
+
+    fn log_model_summary(&mut self) -> Result<(), TrainError> {
+        let Some(events) = &mut self.events else {
+            return Ok(());
+        };
+        let graph = &self.setup.instance.graph;
+        let mut text = String::from("| layer | op | shape | params |\n|---|---|---|---|\n");
+        for node in &graph.nodes {
+            text += &format!(
+                "| {} | {} | {} | {} |\n",
+                node.name,
+                node.op.name(),
+                node.shape,
+                node.params()
+            );
+        }
+        text += &format!("\nTrainable parameters: {}", graph.params());
+        let path = events.path.clone();
+        events
+            .text("model/summary", 0, &text)
+            .map_err(|source| TrainError::Log { path, source })
+    }
+
+    fn log_step(&mut self, loss: f32) -> Result<(), TrainError> {
+        let step = self.meta.global_step;
+        let every = self.setup.log_every.max(1) as u64;
+        let lr = self.optimizer.lr;
+        let Some(events) = &mut self.events else {
+            return Ok(());
+        };
+        if !step.is_multiple_of(every) {
+            return Ok(());
+        }
+        let path = events.path.clone();
+        let result = events
+            .scalar("step/loss", step, loss as f64)
+            .and_then(|()| events.scalar("step/lr", step, lr));
+        result.map_err(|source| TrainError::Log { path, source })
+    }
+
+    fn log_epoch(&mut self, record: &EpochRecord) -> Result<(), TrainError> {
+        if self.events.is_none() {
+            return Ok(());
+        }
+        let epoch = record.epoch as u64;
+        let mut scalars = vec![
+            ("epoch/loss", Some(record.loss)),
+            ("epoch/accuracy", Some(record.accuracy)),
+            ("epoch/top5_accuracy", record.top5_accuracy),
+            ("epoch/val_loss", record.val_loss),
+            ("epoch/val_accuracy", record.val_accuracy),
+            ("epoch/test_loss", record.test_loss),
+            ("epoch/test_accuracy", record.test_accuracy),
+        ];
+        scalars.push(("epoch/lr", Some(record.lr)));
+        let activations = {
+            let sample: Vec<usize> = (0..self.train.len().min(32)).collect();
+            let x = batch_tensor(&self.train, &sample, &self.shape);
+            self.engine.activations(&self.weights, &x)?
+        };
+        let batch = self.config.batch_size.min(self.train.len()).max(1);
+        let graph = self.engine.train_graph(batch)?.clone();
+        let events = self.events.as_mut().expect("checked above");
+        let path = events.path.clone();
+        let write = |events: &mut tensorboard::EventWriter| -> std::io::Result<()> {
+            for (tag, value) in &scalars {
+                if let Some(value) = value {
+                    events.scalar(tag, epoch, *value)?;
+                }
+            }
+            for (info, tensor) in graph.params.iter().zip(&self.weights.params) {
+                events.histogram(
+                    &format!("weights/{}", info.name),
+                    epoch,
+                    tensor.as_slice().unwrap_or(&[]),
+                )?;
+            }
+            for (name, value) in &activations {
+                events.histogram(
+                    &format!("activations/{name}"),
+                    epoch,
+                    value.as_slice().unwrap_or(&[]),
+                )?;
+            }
+            events.flush()
+        };
+        write(events).map_err(|source| TrainError::Log { path, source })
+    }
+}
+
+/// Distinct augmentation keys per step: room for any batch size.
+fn batch_key_stride(batch: usize) -> u64 {
+    batch.next_power_of_two().max(1) as u64
+}
+
+fn append_csv(path: &Path, record: &EpochRecord) -> std::io::Result<()> {
+    use std::io::Write;
+    let new = !path.exists();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    if new {
+        writeln!(
+            file,
+            "epoch,loss,accuracy,val_loss,val_accuracy,test_loss,test_accuracy,lr,seconds"
+        )?;
+    }
+    let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
+    writeln!(
+        file,
+        "{},{:.6},{:.6},{},{},{},{},{:e},{:.3}",
+        record.epoch,
+        record.loss,
+        record.accuracy,
+        opt(record.val_loss),
+        opt(record.val_accuracy),
+        opt(record.test_loss),
+        opt(record.test_accuracy),
+        record.lr,
+        record.seconds
+    )
+}
