@@ -2,6 +2,7 @@
 //! subcommand, and exit codes (0 success, 1 invalid model, 2 usage or I/O
 //! error).
 
+mod bench;
 mod check;
 mod compile;
 mod train;
@@ -42,6 +43,8 @@ enum Command {
     Eval(train::EvalArgs),
     /// Write the predicted class and probabilities of every sample.
     Predict(train::PredictArgs),
+    /// Time training steps and inference of a model on random data.
+    Bench(bench::BenchArgs),
     /// Compile a model at its default point and print an intermediate form.
     Compile {
         /// The `.model` file.
@@ -92,6 +95,7 @@ pub fn main() -> ExitCode {
     let status = match cli.command {
         Command::Check { file, format } => check::run(&file, format),
         Command::Train(args) => train::train(*args),
+        Command::Bench(args) => bench::run(args),
         Command::Eval(args) => train::eval(args),
         Command::Predict(args) => train::predict(args),
         Command::Compile {

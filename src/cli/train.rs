@@ -50,6 +50,9 @@ pub struct TrainArgs {
     /// Random seed, overriding the `train` section.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Train on the first N samples of the training data only.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
     /// Fraction of the training data held out for validation.
     #[arg(long, default_value_t = 0.1)]
     pub val_split: f64,
@@ -261,8 +264,12 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
             .map_err(|m| (exit::INVALID_MODEL, m))?;
     apply_overrides(&mut instance, &args, resume.as_ref().map(|(c, _)| &c.meta));
 
-    let loaded = data::load(&args.data, &label_column(&args.label_column))
+    let mut loaded = data::load(&args.data, &label_column(&args.label_column))
         .map_err(|e| usage(e.to_string()))?;
+    if let Some(limit) = args.limit {
+        let first: Vec<usize> = (0..limit.min(loaded.train.len())).collect();
+        loaded.train = loaded.train.subset(&first);
+    }
     let test = match &args.test_data {
         Some(path) => Some(
             data::load(path, &label_column(&args.label_column))

@@ -52,18 +52,23 @@ pub fn dense_grad_weight(dy: &Tensor, x: &Tensor) -> Tensor {
 
 /// Sum over every axis but 1.
 pub fn bias_grad(dy: &Tensor) -> Tensor {
-    let channels = dy.shape()[1];
-    let mut out = vec![0f32; channels];
-    for (i, v) in dy.iter().enumerate() {
-        out[channel_of(dy.shape(), i)] += v;
-    }
-    ArrayD::from_shape_vec(IxDyn(&[channels]), out).expect("shape")
+    let (sums, _) = channel_sums(dy, |_, v| v as f64);
+    vector(sums.iter().map(|v| *v as f32).collect())
 }
 
-/// The channel (axis 1) of the `i`-th element of a row-major tensor.
-fn channel_of(shape: &[usize], i: usize) -> usize {
-    let inner: usize = shape[2..].iter().product();
-    (i / inner) % shape[1]
+/// `(N, C, inner)` of a `[N, C, ...]` tensor: every channel is `N` runs of
+/// `inner` contiguous values.
+fn planes(shape: &[usize]) -> (usize, usize, usize) {
+    (shape[0], shape[1], shape[2..].iter().product())
+}
+
+/// Calls `f(channel, run)` for every contiguous run of one channel's values.
+fn for_each_run<'a>(t: &'a Tensor, mut f: impl FnMut(usize, &'a [f32])) {
+    let (n, c, inner) = planes(t.shape());
+    let data = t.as_slice().expect("standard layout");
+    for i in 0..n * c {
+        f(i % c, &data[i * inner..(i + 1) * inner]);
+    }
 }
 
 /// Geometry of a convolution or pooling window over one image.
@@ -103,39 +108,51 @@ fn conv_window(x: &[usize], out: &[usize], a: &ConvAttrs) -> Window {
     }
 }
 
-/// Unfolds channels `c0..c0 + cg` of image `n` into columns
-/// `[cg · K · K, OH · OW]`.
-fn im2col(x: &Tensor, n: usize, c0: usize, cg: usize, win: &Window) -> Array2<f32> {
-    let k = win.kernel;
-    let mut cols = Array2::<f32>::zeros((cg * k * k, win.oh * win.ow));
+/// Unfolds channels `c0..c0 + cg` of every image into columns
+/// `[cg · K · K, N · OH · OW]`, so that one matrix product per group
+/// computes the convolution of the whole batch.
+fn im2col(x: &Tensor, c0: usize, cg: usize, win: &Window) -> Array2<f32> {
+    let (n_images, k, cells) = (x.shape()[0], win.kernel, win.oh * win.ow);
+    let channels = x.shape()[1];
+    let xs = x.as_slice().expect("standard layout");
+    let mut cols = vec![0f32; cg * k * k * n_images * cells];
     for c in 0..cg {
         for ki in 0..k {
             for kj in 0..k {
-                let row = (c * k + ki) * k + kj;
-                for oy in 0..win.oh {
-                    for ox in 0..win.ow {
-                        if let Some((iy, ix)) = win.source(oy, ox, ki, kj) {
-                            cols[[row, oy * win.ow + ox]] = x[[n, c0 + c, iy, ix]];
+                let row = ((c * k + ki) * k + kj) * n_images * cells;
+                for n in 0..n_images {
+                    let plane = ((n * channels + c0 + c) * win.h) * win.w;
+                    for oy in 0..win.oh {
+                        for ox in 0..win.ow {
+                            if let Some((iy, ix)) = win.source(oy, ox, ki, kj) {
+                                cols[row + n * cells + oy * win.ow + ox] = xs[plane + iy * win.w + ix];
+                            }
                         }
                     }
                 }
             }
         }
     }
-    cols
+    Array2::from_shape_vec((cg * k * k, n_images * cells), cols).expect("sizes agree")
 }
 
-/// Folds columns back into image `n` of `dx`, adding overlapping cells.
-fn col2im(cols: &Array2<f32>, dx: &mut Tensor, n: usize, c0: usize, cg: usize, win: &Window) {
-    let k = win.kernel;
+/// Folds columns back into `dx`, adding overlapping cells.
+fn col2im(cols: &Array2<f32>, dx: &mut Tensor, c0: usize, cg: usize, win: &Window) {
+    let (n_images, k, cells) = (dx.shape()[0], win.kernel, win.oh * win.ow);
+    let channels = dx.shape()[1];
+    let cols = cols.as_slice().expect("standard layout");
+    let dxs = dx.as_slice_mut().expect("standard layout");
     for c in 0..cg {
         for ki in 0..k {
             for kj in 0..k {
-                let row = (c * k + ki) * k + kj;
-                for oy in 0..win.oh {
-                    for ox in 0..win.ow {
-                        if let Some((iy, ix)) = win.source(oy, ox, ki, kj) {
-                            dx[[n, c0 + c, iy, ix]] += cols[[row, oy * win.ow + ox]];
+                let row = ((c * k + ki) * k + kj) * n_images * cells;
+                for n in 0..n_images {
+                    let plane = ((n * channels + c0 + c) * win.h) * win.w;
+                    for oy in 0..win.oh {
+                        for ox in 0..win.ow {
+                            if let Some((iy, ix)) = win.source(oy, ox, ki, kj) {
+                                dxs[plane + iy * win.w + ix] += cols[row + n * cells + oy * win.ow + ox];
+                            }
                         }
                     }
                 }
@@ -165,14 +182,18 @@ pub fn conv2d(
     let win = conv_window(x.shape(), out_shape, a);
     let (cin, cout) = (x.shape()[1], w.shape()[0]);
     let (cg, og) = (cin / a.groups, cout / a.groups);
-    for n in 0..x.shape()[0] {
-        for g in 0..a.groups {
-            let cols = im2col(x, n, g * cg, cg, &win);
-            let out = group_weights(w, g, a.groups).dot(&cols);
-            for o in 0..og {
-                let bias = b.map_or(0.0, |b| b[[g * og + o]]);
-                for (p, v) in out.row(o).iter().enumerate() {
-                    y[[n, g * og + o, p / win.ow, p % win.ow]] = v + bias;
+    let cells = win.oh * win.ow;
+    let ys = y.as_slice_mut().expect("standard layout");
+    for g in 0..a.groups {
+        let out = group_weights(w, g, a.groups).dot(&im2col(x, g * cg, cg, &win));
+        for o in 0..og {
+            let channel = g * og + o;
+            let bias = b.map_or(0.0, |b| b[[channel]]);
+            let row = out.row(o);
+            for n in 0..x.shape()[0] {
+                let dst = &mut ys[(n * cout + channel) * cells..][..cells];
+                for (d, v) in dst.iter_mut().zip(row.iter().skip(n * cells)) {
+                    *d = v + bias;
                 }
             }
         }
@@ -180,25 +201,30 @@ pub fn conv2d(
     y
 }
 
-fn group_rows(dy: &Tensor, n: usize, o0: usize, og: usize) -> Array2<f32> {
-    let (oh, ow) = (dy.shape()[2], dy.shape()[3]);
-    dy.slice(s![n, o0..o0 + og, .., ..])
-        .to_owned()
-        .into_shape_with_order((og, oh * ow))
-        .expect("contiguous gradient")
+/// Rows `o0..o0 + og` of `dy` as a matrix `[og, N · OH · OW]`.
+fn group_rows(dy: &Tensor, o0: usize, og: usize) -> Array2<f32> {
+    let (n_images, channels) = (dy.shape()[0], dy.shape()[1]);
+    let cells = dy.shape()[2] * dy.shape()[3];
+    let src = dy.as_slice().expect("standard layout");
+    let mut rows = vec![0f32; og * n_images * cells];
+    for o in 0..og {
+        for n in 0..n_images {
+            let from = &src[(n * channels + o0 + o) * cells..][..cells];
+            rows[(o * n_images + n) * cells..][..cells].copy_from_slice(from);
+        }
+    }
+    Array2::from_shape_vec((og, n_images * cells), rows).expect("sizes agree")
 }
 
 pub fn conv2d_grad_input(dy: &Tensor, w: &Tensor, a: &ConvAttrs, x_shape: &[usize]) -> Tensor {
     let mut dx = Tensor::zeros(IxDyn(x_shape));
     let win = conv_window(x_shape, dy.shape(), a);
     let (cg, og) = (x_shape[1] / a.groups, w.shape()[0] / a.groups);
-    for n in 0..x_shape[0] {
-        for g in 0..a.groups {
-            let cols = group_weights(w, g, a.groups)
-                .t()
-                .dot(&group_rows(dy, n, g * og, og));
-            col2im(&cols, &mut dx, n, g * cg, cg, &win);
-        }
+    for g in 0..a.groups {
+        let cols = group_weights(w, g, a.groups)
+            .t()
+            .dot(&group_rows(dy, g * og, og));
+        col2im(&cols, &mut dx, g * cg, cg, &win);
     }
     dx
 }
@@ -208,29 +234,25 @@ pub fn conv2d_grad_weight(dy: &Tensor, x: &Tensor, a: &ConvAttrs, w_shape: &[usi
     let win = conv_window(x.shape(), dy.shape(), a);
     let (cg, og) = (x.shape()[1] / a.groups, w_shape[0] / a.groups);
     let per_filter = w_shape[1] * w_shape[2] * w_shape[3];
-    for n in 0..x.shape()[0] {
-        for g in 0..a.groups {
-            let cols = im2col(x, n, g * cg, cg, &win);
-            let grad = group_rows(dy, n, g * og, og).dot(&cols.t());
-            let flat = dw.as_slice_mut().expect("contiguous");
-            let block = &mut flat[g * og * per_filter..(g + 1) * og * per_filter];
-            for (d, v) in block.iter_mut().zip(grad.iter()) {
-                *d += v;
-            }
+    for g in 0..a.groups {
+        let grad = group_rows(dy, g * og, og).dot(&im2col(x, g * cg, cg, &win).t());
+        let flat = dw.as_slice_mut().expect("contiguous");
+        let block = &mut flat[g * og * per_filter..(g + 1) * og * per_filter];
+        for (d, v) in block.iter_mut().zip(grad.iter()) {
+            *d += v;
         }
     }
     dw
 }
 
-/// Per-channel sums over every axis but 1, and the element count per
-/// channel.
+/// Per-channel sums of `f(channel, value)` over every axis but 1, and the
+/// element count per channel.
 fn channel_sums(t: &Tensor, f: impl Fn(usize, f32) -> f64) -> (Vec<f64>, usize) {
     let channels = t.shape()[1];
     let mut sums = vec![0f64; channels];
-    for (i, v) in t.iter().enumerate() {
-        let c = channel_of(t.shape(), i);
-        sums[c] += f(c, *v);
-    }
+    for_each_run(t, |c, run| {
+        sums[c] += run.iter().map(|v| f(c, *v)).sum::<f64>();
+    });
     (sums, t.len() / channels)
 }
 
@@ -242,8 +264,24 @@ pub fn batch_mean(x: &Tensor) -> Tensor {
 /// Biased variance: the mean of squared deviations, as batch normalization
 /// uses for normalising.
 pub fn batch_var(x: &Tensor, mean: &Tensor) -> Tensor {
-    let (sums, count) = channel_sums(x, |c, v| ((v - mean[[c]]) as f64).powi(2));
+    let mean = mean.as_slice().expect("vector");
+    let (sums, count) = channel_sums(x, |c, v| ((v - mean[c]) as f64).powi(2));
     vector(sums.iter().map(|s| (s / count as f64) as f32).collect())
+}
+
+/// Applies `f(channel, &mut value)` to every element.
+fn map_channels(t: &mut Tensor, f: impl Fn(usize, &mut f32)) {
+    let (n, c, inner) = planes(t.shape());
+    let data = t.as_slice_mut().expect("standard layout");
+    for i in 0..n * c {
+        for v in &mut data[i * inner..(i + 1) * inner] {
+            f(i % c, v);
+        }
+    }
+}
+
+fn inv_std(var: &Tensor, eps: f32) -> Vec<f32> {
+    var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect()
 }
 
 pub fn batchnorm(
@@ -254,13 +292,10 @@ pub fn batchnorm(
     beta: &Tensor,
     eps: f32,
 ) -> Tensor {
-    let mut y = x.clone();
-    let shape = x.shape().to_vec();
-    for (i, v) in y.iter_mut().enumerate() {
-        let c = channel_of(&shape, i);
-        let inv_std = 1.0 / (var[[c]] + eps).sqrt();
-        *v = (*v - mean[[c]]) * inv_std * gamma[[c]] + beta[[c]];
-    }
+    let inv = inv_std(var, eps);
+    let (mean, gamma, beta) = (mean.as_slice().unwrap(), gamma.as_slice().unwrap(), beta.as_slice().unwrap());
+    let mut y = x.as_standard_layout().into_owned();
+    map_channels(&mut y, |c, v| *v = (*v - mean[c]) * inv[c] * gamma[c] + beta[c]);
     y
 }
 
@@ -275,22 +310,38 @@ pub fn batchnorm_grad_input(
     gamma: &Tensor,
     eps: f32,
 ) -> Tensor {
-    let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-    let xhat = |c: usize, v: f32| (v - mean[[c]]) * inv_std[c];
+    let inv = inv_std(var, eps);
+    let (mean, gamma) = (mean.as_slice().unwrap(), gamma.as_slice().unwrap());
     let (sum_dy, count) = channel_sums(dy, |_, g| g as f64);
-    let mut sum_dy_xhat = vec![0f64; sum_dy.len()];
-    for (i, (g, v)) in dy.iter().zip(x.iter()).enumerate() {
-        let c = channel_of(x.shape(), i);
-        sum_dy_xhat[c] += (g * xhat(c, *v)) as f64;
-    }
+    let sum_dy_xhat = channel_dot(dy, x, |c, g, v| g * (v - mean[c]) * inv[c]);
     let m = count as f32;
-    let mut dx = dy.clone();
-    for (i, (d, v)) in dx.iter_mut().zip(x.iter()).enumerate() {
-        let c = channel_of(x.shape(), i);
-        let scale = gamma[[c]] * inv_std[c] / m;
-        *d = scale * (m * *d - sum_dy[c] as f32 - xhat(c, *v) * sum_dy_xhat[c] as f32);
+    let mut dx = dy.as_standard_layout().into_owned();
+    let xs = x.as_slice().expect("standard layout");
+    let (n, channels, inner) = planes(x.shape());
+    let data = dx.as_slice_mut().expect("standard layout");
+    for i in 0..n * channels {
+        let c = i % channels;
+        let scale = gamma[c] * inv[c] / m;
+        let (sum, sum_xhat) = (sum_dy[c] as f32, sum_dy_xhat[c] as f32);
+        for (d, v) in data[i * inner..(i + 1) * inner].iter_mut().zip(&xs[i * inner..(i + 1) * inner]) {
+            let xhat = (v - mean[c]) * inv[c];
+            *d = scale * (m * *d - sum - xhat * sum_xhat);
+        }
     }
     dx
+}
+
+/// Per-channel sums of `f(channel, a, b)` over paired elements.
+fn channel_dot(a: &Tensor, b: &Tensor, f: impl Fn(usize, f32, f32) -> f32) -> Vec<f64> {
+    let (n, channels, inner) = planes(a.shape());
+    let (a, b) = (a.as_slice().expect("standard layout"), b.as_slice().expect("standard layout"));
+    let mut sums = vec![0f64; channels];
+    for i in 0..n * channels {
+        let c = i % channels;
+        let run = a[i * inner..(i + 1) * inner].iter().zip(&b[i * inner..(i + 1) * inner]);
+        sums[c] += run.map(|(x, y)| f(c, *x, *y) as f64).sum::<f64>();
+    }
+    sums
 }
 
 /// `Σ dy · x̂` per channel.
@@ -301,13 +352,10 @@ pub fn batchnorm_grad_gamma(
     var: &Tensor,
     eps: f32,
 ) -> Tensor {
-    let channels = x.shape()[1];
-    let mut out = vec![0f64; channels];
-    for (i, (g, v)) in dy.iter().zip(x.iter()).enumerate() {
-        let c = channel_of(x.shape(), i);
-        out[c] += (g * (v - mean[[c]]) / (var[[c]] + eps).sqrt()) as f64;
-    }
-    vector(out.iter().map(|v| *v as f32).collect())
+    let inv = inv_std(var, eps);
+    let mean = mean.as_slice().expect("vector");
+    let sums = channel_dot(dy, x, |c, g, v| g * (v - mean[c]) * inv[c]);
+    vector(sums.iter().map(|v| *v as f32).collect())
 }
 
 pub fn running_update(running: &Tensor, stat: &Tensor, momentum: f32, correction: f32) -> Tensor {
@@ -420,9 +468,13 @@ fn for_each_window(
 /// in an average.
 pub fn pool(x: &Tensor, a: &PoolAttrs, out_shape: &[usize]) -> Tensor {
     let mut y = Tensor::zeros(IxDyn(out_shape));
+    let (xs, (h, w)) = (x.as_slice().expect("standard layout"), (x.shape()[2], x.shape()[3]));
+    let ys = y.as_slice_mut().expect("standard layout");
+    let (oh, ow) = (out_shape[2], out_shape[3]);
     for_each_window(x.shape(), out_shape, a, |[n, c, oy, ox], cells| {
-        let values = cells.iter().map(|&(iy, ix)| x[[n, c, iy, ix]]);
-        y[[n, c, oy, ox]] = match a.kind {
+        let plane = (n * x.shape()[1] + c) * h * w;
+        let values = cells.iter().map(|&(iy, ix)| xs[plane + iy * w + ix]);
+        ys[((n * out_shape[1] + c) * oh + oy) * ow + ox] = match a.kind {
             PoolKind::Max => values.fold(f32::NEG_INFINITY, f32::max),
             PoolKind::Avg => values.sum::<f32>() / cells.len() as f32,
         };
@@ -434,21 +486,27 @@ pub fn pool(x: &Tensor, a: &PoolAttrs, out_shape: &[usize]) -> Tensor {
 /// spreads it evenly over its cells (average pooling).
 pub fn pool_grad(dy: &Tensor, x: &Tensor, a: &PoolAttrs) -> Tensor {
     let mut dx = Tensor::zeros(x.raw_dim());
+    let (xs, (h, w)) = (x.as_slice().expect("standard layout"), (x.shape()[2], x.shape()[3]));
+    let dys = dy.as_slice().expect("standard layout");
+    let dxs = dx.as_slice_mut().expect("standard layout");
+    let (oh, ow) = (dy.shape()[2], dy.shape()[3]);
     for_each_window(x.shape(), dy.shape(), a, |[n, c, oy, ox], cells| {
-        let g = dy[[n, c, oy, ox]];
+        let plane = (n * x.shape()[1] + c) * h * w;
+        let at = |(iy, ix): (usize, usize)| plane + iy * w + ix;
+        let g = dys[((n * dy.shape()[1] + c) * oh + oy) * ow + ox];
         match a.kind {
             PoolKind::Max => {
                 let mut best = cells[0];
-                for &(iy, ix) in &cells[1..] {
-                    if x[[n, c, iy, ix]] > x[[n, c, best.0, best.1]] {
-                        best = (iy, ix);
+                for &cell in &cells[1..] {
+                    if xs[at(cell)] > xs[at(best)] {
+                        best = cell;
                     }
                 }
-                dx[[n, c, best.0, best.1]] += g;
+                dxs[at(best)] += g;
             }
             PoolKind::Avg => {
-                for &(iy, ix) in cells {
-                    dx[[n, c, iy, ix]] += g / cells.len() as f32;
+                for &cell in cells {
+                    dxs[at(cell)] += g / cells.len() as f32;
                 }
             }
         }

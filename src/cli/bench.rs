@@ -1,0 +1,111 @@
+//! `kiln bench MODEL`: times training steps and inference of a model on
+//! random data and reports medians and achieved GFLOP/s.
+
+use super::exit;
+use crate::interp::optim::OptimizerState;
+use crate::interp::{Tensor, Weights};
+use crate::runtime::engine::Engine;
+use clap::Args;
+use ndarray::IxDyn;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// The `.model` file.
+    pub file: PathBuf,
+    /// Which model of the file; the first when omitted.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Samples per batch.
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    /// Timed training steps (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+pub fn run(args: BenchArgs) -> u8 {
+    let Some(instance) = super::compile::load_instance(&args.file, args.model.as_deref()) else {
+        return exit::INVALID_MODEL;
+    };
+    let batch = args.batch.max(1);
+    let graph = &instance.graph;
+    let input_shape = graph.node(graph.inputs[0].1).shape.0.clone();
+    let classes: usize = graph.node(graph.output.expect("output")).shape.numel();
+    let mut dims = vec![batch];
+    dims.extend(&input_shape);
+    let count: usize = dims.iter().product();
+    let x = Tensor::from_shape_vec(IxDyn(&dims), (0..count).map(|i| crate::rng::uniform(1, 2, i as u64)).collect())
+        .expect("shape");
+    let labels: Vec<usize> = (0..batch).map(|i| i % classes).collect();
+
+    let compile_start = Instant::now();
+    let mut engine = Engine::new(graph.clone(), instance.train.loss.clone());
+    let train_graph = match engine.train_graph(batch) {
+        Ok(g) => g.clone(),
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            return exit::INVALID_MODEL;
+        }
+    };
+    let compile_ms = compile_start.elapsed().as_secs_f64() * 1e3;
+    let mut weights = Weights::init(&train_graph, 0);
+    let mut optimizer = OptimizerState::new(instance.train.optimizer.clone());
+
+    let mut step_times = Vec::new();
+    for step in 0..=args.steps.max(1) {
+        let start = Instant::now();
+        if let Err(e) = engine.train_step(&mut weights, &mut optimizer, &x, &labels, step as u64) {
+            eprintln!("kiln: {e}");
+            return exit::USAGE;
+        }
+        if step > 0 {
+            step_times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let mut infer_times = Vec::new();
+    for _ in 0..=args.steps.max(1) {
+        let start = Instant::now();
+        if let Err(e) = engine.predict(&weights, &x) {
+            eprintln!("kiln: {e}");
+            return exit::USAGE;
+        }
+        infer_times.push(start.elapsed().as_secs_f64());
+    }
+    let step = median(step_times);
+    let infer = median(infer_times[1..].to_vec());
+    // A training step costs about three forward passes: forward, and the
+    // gradients with respect to inputs and to weights.
+    let flops = 2.0 * graph.macs() as f64 * batch as f64;
+    let train_gflops = 3.0 * flops / step / 1e9;
+    let report = serde_json::json!({
+        "model": args.file.display().to_string(),
+        "executor": "reference",
+        "batch": batch,
+        "threads": 1,
+        "compile_ms": compile_ms,
+        "train_step_ms": step * 1e3,
+        "train_gflops": train_gflops,
+        "inference_samples_per_s": batch as f64 / infer,
+        "inference_gflops": flops / infer / 1e9,
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!("model            {}", args.file.display());
+        println!("executor         reference, batch {batch}");
+        println!("compile          {compile_ms:.1} ms");
+        println!("training step    {:.1} ms (median of {}), {train_gflops:.1} GFLOP/s", step * 1e3, args.steps.max(1));
+        println!("inference        {:.0} samples/s, {:.1} GFLOP/s", batch as f64 / infer, flops / infer / 1e9);
+    }
+    exit::OK
+}
