@@ -44,8 +44,13 @@ pub fn run(args: BenchArgs) -> u8 {
     let mut dims = vec![batch];
     dims.extend(&input_shape);
     let count: usize = dims.iter().product();
-    let x = Tensor::from_shape_vec(IxDyn(&dims), (0..count).map(|i| crate::rng::uniform(1, 2, i as u64)).collect())
-        .expect("shape");
+    let x = Tensor::from_shape_vec(
+        IxDyn(&dims),
+        (0..count)
+            .map(|i| crate::rng::uniform(1, 2, i as u64))
+            .collect(),
+    )
+    .expect("shape");
     let labels: Vec<usize> = (0..batch).map(|i| i % classes).collect();
 
     let compile_start = Instant::now();
@@ -104,8 +109,16 @@ pub fn run(args: BenchArgs) -> u8 {
         println!("model            {}", args.file.display());
         println!("executor         reference, batch {batch}");
         println!("compile          {compile_ms:.1} ms");
-        println!("training step    {:.1} ms (median of {}), {train_gflops:.1} GFLOP/s", step * 1e3, args.steps.max(1));
-        println!("inference        {:.0} samples/s, {:.1} GFLOP/s", batch as f64 / infer, flops / infer / 1e9);
+        println!(
+            "training step    {:.1} ms (median of {}), {train_gflops:.1} GFLOP/s",
+            step * 1e3,
+            args.steps.max(1)
+        );
+        println!(
+            "inference        {:.0} samples/s, {:.1} GFLOP/s",
+            batch as f64 / infer,
+            flops / infer / 1e9
+        );
     }
     exit::OK
 }

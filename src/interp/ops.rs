@@ -125,7 +125,8 @@ fn im2col(x: &Tensor, c0: usize, cg: usize, win: &Window) -> Array2<f32> {
                     for oy in 0..win.oh {
                         for ox in 0..win.ow {
                             if let Some((iy, ix)) = win.source(oy, ox, ki, kj) {
-                                cols[row + n * cells + oy * win.ow + ox] = xs[plane + iy * win.w + ix];
+                                cols[row + n * cells + oy * win.ow + ox] =
+                                    xs[plane + iy * win.w + ix];
                             }
                         }
                     }
@@ -151,7 +152,8 @@ fn col2im(cols: &Array2<f32>, dx: &mut Tensor, c0: usize, cg: usize, win: &Windo
                     for oy in 0..win.oh {
                         for ox in 0..win.ow {
                             if let Some((iy, ix)) = win.source(oy, ox, ki, kj) {
-                                dxs[plane + iy * win.w + ix] += cols[row + n * cells + oy * win.ow + ox];
+                                dxs[plane + iy * win.w + ix] +=
+                                    cols[row + n * cells + oy * win.ow + ox];
                             }
                         }
                     }
@@ -293,9 +295,15 @@ pub fn batchnorm(
     eps: f32,
 ) -> Tensor {
     let inv = inv_std(var, eps);
-    let (mean, gamma, beta) = (mean.as_slice().unwrap(), gamma.as_slice().unwrap(), beta.as_slice().unwrap());
+    let (mean, gamma, beta) = (
+        mean.as_slice().unwrap(),
+        gamma.as_slice().unwrap(),
+        beta.as_slice().unwrap(),
+    );
     let mut y = x.as_standard_layout().into_owned();
-    map_channels(&mut y, |c, v| *v = (*v - mean[c]) * inv[c] * gamma[c] + beta[c]);
+    map_channels(&mut y, |c, v| {
+        *v = (*v - mean[c]) * inv[c] * gamma[c] + beta[c]
+    });
     y
 }
 
@@ -323,7 +331,10 @@ pub fn batchnorm_grad_input(
         let c = i % channels;
         let scale = gamma[c] * inv[c] / m;
         let (sum, sum_xhat) = (sum_dy[c] as f32, sum_dy_xhat[c] as f32);
-        for (d, v) in data[i * inner..(i + 1) * inner].iter_mut().zip(&xs[i * inner..(i + 1) * inner]) {
+        for (d, v) in data[i * inner..(i + 1) * inner]
+            .iter_mut()
+            .zip(&xs[i * inner..(i + 1) * inner])
+        {
             let xhat = (v - mean[c]) * inv[c];
             *d = scale * (m * *d - sum - xhat * sum_xhat);
         }
@@ -334,11 +345,16 @@ pub fn batchnorm_grad_input(
 /// Per-channel sums of `f(channel, a, b)` over paired elements.
 fn channel_dot(a: &Tensor, b: &Tensor, f: impl Fn(usize, f32, f32) -> f32) -> Vec<f64> {
     let (n, channels, inner) = planes(a.shape());
-    let (a, b) = (a.as_slice().expect("standard layout"), b.as_slice().expect("standard layout"));
+    let (a, b) = (
+        a.as_slice().expect("standard layout"),
+        b.as_slice().expect("standard layout"),
+    );
     let mut sums = vec![0f64; channels];
     for i in 0..n * channels {
         let c = i % channels;
-        let run = a[i * inner..(i + 1) * inner].iter().zip(&b[i * inner..(i + 1) * inner]);
+        let run = a[i * inner..(i + 1) * inner]
+            .iter()
+            .zip(&b[i * inner..(i + 1) * inner]);
         sums[c] += run.map(|(x, y)| f(c, *x, *y) as f64).sum::<f64>();
     }
     sums
@@ -468,7 +484,10 @@ fn for_each_window(
 /// in an average.
 pub fn pool(x: &Tensor, a: &PoolAttrs, out_shape: &[usize]) -> Tensor {
     let mut y = Tensor::zeros(IxDyn(out_shape));
-    let (xs, (h, w)) = (x.as_slice().expect("standard layout"), (x.shape()[2], x.shape()[3]));
+    let (xs, (h, w)) = (
+        x.as_slice().expect("standard layout"),
+        (x.shape()[2], x.shape()[3]),
+    );
     let ys = y.as_slice_mut().expect("standard layout");
     let (oh, ow) = (out_shape[2], out_shape[3]);
     for_each_window(x.shape(), out_shape, a, |[n, c, oy, ox], cells| {
@@ -486,7 +505,10 @@ pub fn pool(x: &Tensor, a: &PoolAttrs, out_shape: &[usize]) -> Tensor {
 /// spreads it evenly over its cells (average pooling).
 pub fn pool_grad(dy: &Tensor, x: &Tensor, a: &PoolAttrs) -> Tensor {
     let mut dx = Tensor::zeros(x.raw_dim());
-    let (xs, (h, w)) = (x.as_slice().expect("standard layout"), (x.shape()[2], x.shape()[3]));
+    let (xs, (h, w)) = (
+        x.as_slice().expect("standard layout"),
+        (x.shape()[2], x.shape()[3]),
+    );
     let dys = dy.as_slice().expect("standard layout");
     let dxs = dx.as_slice_mut().expect("standard layout");
     let (oh, ow) = (dy.shape()[2], dy.shape()[3]);

@@ -295,3 +295,34 @@ impl Checkpoint {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write that fails halfway (as on a full disk) leaves the previous
+    /// file untouched and no temporary file behind.
+    #[test]
+    fn failed_write_keeps_previous_file() {
+        let dir = std::env::temp_dir().join(format!("kiln-atomic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("last.safetensors");
+        write_atomic(&path, b"first", |f, d| f.write_all(d)).unwrap();
+
+        let result = write_atomic(&path, b"second version", |f, d| {
+            f.write_all(&d[..3])?;
+            Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                "no space left on device",
+            ))
+        });
+        assert!(matches!(result, Err(CheckpointError::Write { .. })));
+        assert_eq!(std::fs::read(&path).unwrap(), b"first");
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n != "last.safetensors")
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+}

@@ -1,0 +1,533 @@
+//! End-to-end runs of `kiln train`, `eval` and `predict` on real data.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("kiln runs")
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The JSON records `--json` prints, one per line.
+fn records(out: &Output) -> Vec<serde_json::Value> {
+    text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// Every tensor of a checkpoint, by name (metadata such as timings left out).
+fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut all: Vec<(String, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().to_vec()))
+        .collect();
+    all.sort();
+    all
+}
+
+const SMALL_MODEL: &str = "model small {
+  input image: [1, 8, 8]
+  logits = flatten(image) |> dense(units = 32) |> relu |> dropout(rate = 0.1) |> dense(units = 10)
+  output logits: [10]
+  train {
+    optimizer = sgd(lr = 0.05, momentum = 0.9)
+    batch_size = 64
+    epochs = 3
+    seed = 5
+  }
+}
+";
+
+fn write_model(dir: &Path, source: &str) -> String {
+    let path = dir.join("model.model");
+    std::fs::write(&path, source).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn digits_quick_start_reaches_95_percent() {
+    let dir = temp_dir("digits");
+    let out = kiln(&[
+        "train",
+        "models/digits.model",
+        "--data",
+        "data/digits.csv.gz",
+        "--checkpoint-dir",
+        dir.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let records = records(&out);
+    let summary = records.last().unwrap();
+    let accuracy = summary["final"]["val_accuracy"].as_f64().unwrap();
+    assert!(accuracy >= 0.95, "val_accuracy {accuracy}");
+    assert!(dir.join("best.safetensors").exists());
+
+    let ckpt = dir.join("best.safetensors");
+    let eval = kiln(&[
+        "eval",
+        ckpt.to_str().unwrap(),
+        "--data",
+        "data/digits.csv.gz",
+    ]);
+    assert_eq!(eval.status.code(), Some(0), "{}", text(&eval.stderr));
+    assert!(text(&eval.stdout).contains("confusion matrix"));
+
+    let preds = dir.join("preds.csv");
+    let predict = kiln(&[
+        "predict",
+        ckpt.to_str().unwrap(),
+        "--data",
+        "data/digits.csv.gz",
+        "--out",
+        preds.to_str().unwrap(),
+    ]);
+    assert_eq!(predict.status.code(), Some(0), "{}", text(&predict.stderr));
+    let rows = std::fs::read_to_string(&preds).unwrap();
+    assert_eq!(rows.lines().count(), 1798);
+    assert!(rows.starts_with("row,class,p0,"));
+}
+
+/// One epoch of the batch-normalized reference network on 10,000
+/// Fashion-MNIST images (installed by `apt-get install
+/// dataset-fashion-mnist`) reaches over 80% test accuracy.
+#[test]
+fn fashion_bn_convnet_one_epoch() {
+    let data = Path::new("/usr/share/datasets/fashion-mnist");
+    assert!(
+        data.join("train-images-idx3-ubyte.gz").exists(),
+        "Fashion-MNIST is missing: run `apt-get install dataset-fashion-mnist`"
+    );
+    let dir = temp_dir("fashion");
+    let out = kiln(&[
+        "train",
+        "models/bn_convnet.model",
+        "--data",
+        data.to_str().unwrap(),
+        "--limit",
+        "10000",
+        "--epochs",
+        "1",
+        "--checkpoint-dir",
+        dir.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let summary = records(&out).pop().unwrap();
+    let accuracy = summary["final"]["test_accuracy"].as_f64().unwrap();
+    assert!(accuracy > 0.80, "test_accuracy {accuracy}");
+}
+
+fn train_small(dir: &Path, extra: &[&str]) -> Output {
+    let model = write_model(dir, SMALL_MODEL);
+    let mut args = vec![
+        "train",
+        model.as_str(),
+        "--data",
+        "data/digits.csv.gz",
+        "--checkpoint-dir",
+        dir.to_str().unwrap(),
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    kiln(&args)
+}
+
+#[test]
+fn same_seed_gives_identical_weights() {
+    let (a, b) = (temp_dir("det-a"), temp_dir("det-b"));
+    assert_eq!(train_small(&a, &[]).status.code(), Some(0));
+    assert_eq!(train_small(&b, &[]).status.code(), Some(0));
+    assert_eq!(
+        tensors(&a.join("last.safetensors")),
+        tensors(&b.join("last.safetensors"))
+    );
+    let c = temp_dir("det-c");
+    assert_eq!(train_small(&c, &["--seed", "6"]).status.code(), Some(0));
+    assert_ne!(
+        tensors(&a.join("last.safetensors")),
+        tensors(&c.join("last.safetensors"))
+    );
+}
+
+#[test]
+fn resume_matches_uninterrupted_run() {
+    let straight = temp_dir("resume-straight");
+    assert_eq!(
+        train_small(&straight, &["--epochs", "4"]).status.code(),
+        Some(0)
+    );
+    let split = temp_dir("resume-split");
+    assert_eq!(
+        train_small(&split, &["--epochs", "2"]).status.code(),
+        Some(0)
+    );
+    let last = split.join("last.safetensors");
+    let resumed = train_small(
+        &split,
+        &["--epochs", "4", "--resume", last.to_str().unwrap()],
+    );
+    assert_eq!(resumed.status.code(), Some(0), "{}", text(&resumed.stderr));
+    assert_eq!(tensors(&straight.join("last.safetensors")), tensors(&last));
+}
+
+#[test]
+fn sigint_checkpoints_and_resume_finishes_identically() {
+    let data = "data/digits.csv.gz";
+    let model_dir = temp_dir("sigint-model");
+    // Many small steps, so the signal lands mid-epoch.
+    let source = SMALL_MODEL
+        .replace("batch_size = 64", "batch_size = 4")
+        .replace("epochs = 3", "epochs = 30");
+    let model = write_model(&model_dir, &source);
+    let straight = temp_dir("sigint-straight");
+    let out = kiln(&[
+        "train",
+        &model,
+        "--data",
+        data,
+        "--checkpoint-dir",
+        straight.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+
+    let stopped = temp_dir("sigint-stopped");
+    let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "train",
+            &model,
+            "--data",
+            data,
+            "--checkpoint-dir",
+            stopped.to_str().unwrap(),
+            "--quiet",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .spawn()
+        .unwrap();
+    // Signal once the first epoch's checkpoint exists, so the run is
+    // inside a later epoch.
+    let first = stopped.join("last.safetensors");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !first.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let signal = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(signal.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "exit status after SIGINT");
+    let last = stopped.join("last.safetensors");
+    assert!(last.exists(), "no checkpoint after SIGINT");
+
+    let resumed = kiln(&[
+        "train",
+        &model,
+        "--data",
+        data,
+        "--checkpoint-dir",
+        stopped.to_str().unwrap(),
+        "--quiet",
+        "--resume",
+        last.to_str().unwrap(),
+    ]);
+    assert_eq!(resumed.status.code(), Some(0), "{}", text(&resumed.stderr));
+    assert_eq!(tensors(&straight.join("last.safetensors")), tensors(&last));
+}
+
+#[test]
+fn nan_loss_stops_with_location() {
+    let dir = temp_dir("nan");
+    let source = SMALL_MODEL.replace("sgd(lr = 0.05, momentum = 0.9)", "sgd(lr = 1e30)");
+    let model = write_model(&dir, &source);
+    let out = kiln(&[
+        "train",
+        &model,
+        "--data",
+        "data/digits.csv.gz",
+        "--checkpoint-dir",
+        dir.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("diverged at epoch 1, step"), "{stderr}");
+    assert!(stderr.contains("first non-finite value is"), "{stderr}");
+}
+
+#[test]
+fn callbacks_stop_reduce_log_and_save() {
+    let dir = temp_dir("callbacks");
+    let source = SMALL_MODEL
+        .replace(
+            "seed = 5",
+            "seed = 5
+    epochs = 10
+    callbacks = [
+      early_stopping(monitor = val_loss, patience = 1, min_delta = 10),
+      reduce_lr_on_plateau(monitor = val_loss, patience = 0, factor = 0.5, min_delta = 10),
+      checkpoint(save = best),
+      csv_log()
+    ]",
+        )
+        .replace("epochs = 3\n", "");
+    let model = write_model(&dir, &source);
+    let out = kiln(&[
+        "train",
+        &model,
+        "--data",
+        "data/digits.csv.gz",
+        "--checkpoint-dir",
+        dir.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let records = records(&out);
+    let summary = records.last().unwrap();
+    // No epoch improves val_loss by 10, so training stops after the first
+    // epoch plus `patience + 1` stale ones.
+    assert_eq!(summary["stopped_early"], true);
+    assert_eq!(summary["epochs"], 3);
+    let lrs: Vec<f64> = records[..3]
+        .iter()
+        .map(|r| r["lr"].as_f64().unwrap())
+        .collect();
+    // The rate drops after the first stale epoch and applies from the next.
+    assert_eq!(lrs[1], lrs[0], "{lrs:?}");
+    assert!(lrs[2] < lrs[1], "{lrs:?}");
+    let log = std::fs::read_to_string(dir.join("log.csv")).unwrap();
+    assert_eq!(log.lines().count(), 4, "{log}");
+    assert!(log.starts_with("epoch,loss,accuracy"));
+    assert!(dir.join("best.safetensors").exists());
+    assert!(!dir.join("last.safetensors").exists());
+}
+
+/// Writes the digits as IDX images and labels (optionally gzip).
+fn write_idx(dir: &Path, gzip: bool) -> PathBuf {
+    use std::io::{Read, Write};
+    let mut csv = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open("data/digits.csv.gz").unwrap())
+        .read_to_string(&mut csv)
+        .unwrap();
+    let rows: Vec<Vec<u8>> = csv
+        .lines()
+        .map(|l| l.split(',').map(|v| v.parse::<u8>().unwrap()).collect())
+        .collect();
+    let n = rows.len() as u32;
+    let mut images = vec![0, 0, 8, 3];
+    for d in [n, 8, 8] {
+        images.extend_from_slice(&d.to_be_bytes());
+    }
+    let mut labels = vec![0, 0, 8, 1];
+    labels.extend_from_slice(&n.to_be_bytes());
+    for row in &rows {
+        images.extend(row[..64].iter().map(|v| v * 15));
+        labels.push(row[64]);
+    }
+    let suffix = if gzip { ".gz" } else { "" };
+    let write = |name: &str, data: &[u8]| {
+        let path = dir.join(format!("{name}{suffix}"));
+        let mut file = std::fs::File::create(&path).unwrap();
+        if gzip {
+            let mut encoder = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+            encoder.write_all(data).unwrap();
+            encoder.finish().unwrap();
+        } else {
+            file.write_all(data).unwrap();
+        }
+        path
+    };
+    write("train-labels-idx1-ubyte", &labels);
+    write("train-images-idx3-ubyte", &images)
+}
+
+#[test]
+fn each_data_format_trains() {
+    let dir = temp_dir("formats");
+    let idx = write_idx(&dir, false);
+    let idx_dir = temp_dir("formats-gz");
+    write_idx(&idx_dir, true);
+
+    let csv: String = {
+        use std::io::Read;
+        let mut s = String::new();
+        flate2::read::GzDecoder::new(std::fs::File::open("data/digits.csv.gz").unwrap())
+            .read_to_string(&mut s)
+            .unwrap();
+        s
+    };
+    let header: Vec<String> = (0..64)
+        .map(|i| format!("p{i}"))
+        .chain(["digit".into()])
+        .collect();
+    let with_header = format!("{}\n{csv}", header.join(","));
+    let header_path = dir.join("digits_header.csv");
+    std::fs::write(&header_path, with_header).unwrap();
+    let label_first: String = csv
+        .lines()
+        .map(|l| {
+            let (features, label) = l.rsplit_once(',').unwrap();
+            format!("{label},{features}\n")
+        })
+        .collect();
+    let first_path = dir.join("digits_first.csv");
+    std::fs::write(&first_path, label_first).unwrap();
+
+    let matrix: Vec<f32> = csv
+        .lines()
+        .flat_map(|l| {
+            l.split(',')
+                .map(|v| v.parse::<f32>().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let rows = matrix.len() / 65;
+    let array = ndarray::Array2::from_shape_vec((rows, 65), matrix).unwrap();
+    let npy = dir.join("digits.npy");
+    ndarray_npy::write_npy(&npy, &array).unwrap();
+    let npz = dir.join("digits.npz");
+    let mut writer = ndarray_npy::NpzWriter::new(std::fs::File::create(&npz).unwrap());
+    writer
+        .add_array("x", &array.slice(ndarray::s![.., ..64]).to_owned())
+        .unwrap();
+    writer.add_array("y", &array.column(64).to_owned()).unwrap();
+    writer.finish().unwrap();
+
+    let cases: Vec<(String, Vec<String>)> = vec![
+        ("IDX".into(), vec![idx.to_string_lossy().into()]),
+        (
+            "IDX folder, gzip".into(),
+            vec![idx_dir.to_string_lossy().into()],
+        ),
+        ("CSV gzip".into(), vec!["data/digits.csv.gz".into()]),
+        (
+            "CSV header, label by name".into(),
+            vec![
+                header_path.to_string_lossy().into(),
+                "--label-column".into(),
+                "digit".into(),
+            ],
+        ),
+        (
+            "CSV label by index".into(),
+            vec![
+                first_path.to_string_lossy().into(),
+                "--label-column".into(),
+                "0".into(),
+            ],
+        ),
+        ("NPY".into(), vec![npy.to_string_lossy().into()]),
+        ("NPZ".into(), vec![npz.to_string_lossy().into()]),
+    ];
+    for (name, data) in cases {
+        let ck = temp_dir("formats-ck");
+        let mut args: Vec<&str> = vec!["--epochs", "1"];
+        args.push("--data");
+        args.extend(data.iter().map(String::as_str));
+        let model = write_model(&ck, SMALL_MODEL);
+        let mut full = vec![
+            "train",
+            model.as_str(),
+            "--checkpoint-dir",
+            ck.to_str().unwrap(),
+            "--json",
+        ];
+        full.extend(args);
+        let out = kiln(&full);
+        assert_eq!(out.status.code(), Some(0), "{name}: {}", text(&out.stderr));
+        let summary = records(&out).pop().unwrap();
+        let accuracy = summary["final"]["val_accuracy"].as_f64().unwrap();
+        assert!(accuracy > 0.5, "{name}: val_accuracy {accuracy}");
+    }
+}
+
+#[test]
+fn bad_data_files_are_named() {
+    let dir = temp_dir("bad-data");
+    let idx = write_idx(&dir, false);
+    let bytes = std::fs::read(&idx).unwrap();
+    std::fs::write(&idx, &bytes[..bytes.len() - 100]).unwrap();
+    let model = write_model(&dir, SMALL_MODEL);
+    let out = kiln(&[
+        "train",
+        &model,
+        "--data",
+        idx.to_str().unwrap(),
+        "--checkpoint-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("train-images-idx3-ubyte"), "{stderr}");
+    assert!(stderr.contains("but the file holds"), "{stderr}");
+
+    let out = kiln(&[
+        "train",
+        "models/mlp.model",
+        "--data",
+        "data/digits.csv.gz",
+        "--checkpoint-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("64 values per sample"), "{stderr}");
+    assert!(stderr.contains("needs 784"), "{stderr}");
+
+    let missing = kiln(&[
+        "train",
+        &model,
+        "--data",
+        "no/such.csv",
+        "--checkpoint-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(text(&missing.stderr).contains("no/such.csv"));
+}
+
+/// TensorBoard's own reader (the `tensorboard` Python package) loads the
+/// event files and finds every promised tag.
+#[test]
+fn tensorboard_reader_accepts_event_files() {
+    let dir = temp_dir("tensorboard");
+    let logdir = dir.join("logs");
+    let out = train_small(
+        &dir,
+        &["--logdir", logdir.to_str().unwrap(), "--log-every", "5"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let check = Command::new("python3")
+        .args(["tests/tensorboard_check.py", logdir.to_str().unwrap(), "3"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("python3 runs");
+    assert!(
+        check.status.success(),
+        "{}{}\n(install the reader with `python3 -m pip install tensorboard`)",
+        text(&check.stdout),
+        text(&check.stderr)
+    );
+}
