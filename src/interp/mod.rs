@@ -259,6 +259,18 @@ pub fn train_step(
 ) -> Result<StepOutput, InterpError> {
     let values = run(graph, weights, batch, seed)?;
     let loss = graph.loss.map_or(f32::NAN, |l| values.get(l)[[]]);
+    apply_step(graph, weights, optimizer, &values);
+    Ok(StepOutput { loss, values })
+}
+
+/// Applies the results of a training run: the new running statistics, and
+/// the optimizer update of every parameter that has a gradient.
+pub fn apply_step(
+    graph: &Graph,
+    weights: &mut Weights,
+    optimizer: &mut optim::OptimizerState,
+    values: &Values,
+) {
     for (state, value) in &graph.state_updates {
         weights.states[*state] = values.get(*value).clone();
     }
@@ -272,5 +284,4 @@ pub fn train_step(
         })
         .collect();
     optimizer.update(&mut weights.params, &grads);
-    Ok(StepOutput { loss, values })
 }

@@ -112,19 +112,7 @@ impl Engine {
                 first_non_finite: first_non_finite(graph, weights, &values),
             });
         }
-        for (state, value) in &graph.state_updates {
-            weights.states[*state] = values.get(*value).clone();
-        }
-        let grads: Vec<Option<&Tensor>> = (0..graph.params.len())
-            .map(|p| {
-                graph
-                    .grads
-                    .iter()
-                    .find(|(q, _)| *q == p)
-                    .map(|(_, g)| values.get(*g))
-            })
-            .collect();
-        optimizer.update(&mut weights.params, &grads);
+        interp::apply_step(graph, weights, optimizer, &values);
         Ok(Step {
             loss,
             logits,
