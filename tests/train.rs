@@ -286,7 +286,7 @@ fn callbacks_stop_reduce_log_and_save() {
             "seed = 5
     epochs = 10
     callbacks = [
-      early_stopping(monitor = val_loss, patience = 1, min_delta = 10),
+      early_stopping(monitor = val_loss, patience = 2, min_delta = 10),
       reduce_lr_on_plateau(monitor = val_loss, patience = 0, factor = 0.5, min_delta = 10),
       checkpoint(save = best),
       csv_log()
@@ -307,7 +307,7 @@ fn callbacks_stop_reduce_log_and_save() {
     let records = records(&out);
     let summary = records.last().unwrap();
     // No epoch improves val_loss by 10, so training stops after the first
-    // epoch plus `patience + 1` stale ones.
+    // epoch plus `patience` stale ones, as Keras does.
     assert_eq!(summary["stopped_early"], true);
     assert_eq!(summary["epochs"], 3);
     let lrs: Vec<f64> = records[..3]
@@ -530,4 +530,76 @@ fn tensorboard_reader_accepts_event_files() {
         text(&check.stdout),
         text(&check.stderr)
     );
+}
+
+#[test]
+fn unwritable_checkpoint_dir_fails_before_training() {
+    let dir = temp_dir("unwritable");
+    let file = dir.join("not-a-folder");
+    std::fs::write(&file, "x").unwrap();
+    let model = write_model(&dir, SMALL_MODEL);
+    let out = kiln(&[
+        "train",
+        &model,
+        "--data",
+        "data/digits.csv.gz",
+        "--checkpoint-dir",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("cannot write checkpoints"), "{stderr}");
+    assert!(text(&out.stdout).is_empty(), "trained before failing");
+}
+
+#[test]
+fn non_finite_data_is_rejected() {
+    let dir = temp_dir("nan-data");
+    let path = dir.join("nan.csv");
+    std::fs::write(&path, "1,2,0\nnan,3,1\n").unwrap();
+    let model = write_model(
+        &dir,
+        "model m { input f: [2] logits = dense(f, units = 2) output logits: [2] }",
+    );
+    let out = kiln(&[
+        "train",
+        &model,
+        "--data",
+        path.to_str().unwrap(),
+        "--checkpoint-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("non-finite value"), "{stderr}");
+    assert!(stderr.contains("sample 1"), "{stderr}");
+}
+
+#[test]
+fn invalid_numbers_are_rejected() {
+    let dir = temp_dir("numbers");
+    let model = write_model(&dir, SMALL_MODEL);
+    for flags in [
+        ["--lr", "0"],
+        ["--epochs", "0"],
+        ["--batch-size", "0"],
+        ["--val-split", "1.5"],
+    ] {
+        let mut args = vec![
+            "train",
+            model.as_str(),
+            "--data",
+            "data/digits.csv.gz",
+            "--checkpoint-dir",
+            dir.to_str().unwrap(),
+        ];
+        args.extend(flags);
+        let out = kiln(&args);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}");
+        assert!(
+            text(&out.stderr).contains(flags[0]),
+            "{flags:?}: {}",
+            text(&out.stderr)
+        );
+    }
 }

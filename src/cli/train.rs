@@ -53,9 +53,10 @@ pub struct TrainArgs {
     /// Train on the first N samples of the training data only.
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
-    /// Fraction of the training data held out for validation.
-    #[arg(long, default_value_t = 0.1)]
-    pub val_split: f64,
+    /// Fraction of the training data held out for validation (default 0.1,
+    /// or the resumed checkpoint's).
+    #[arg(long)]
+    pub val_split: Option<f64>,
     /// CSV label column: a 0-based index or a header name (default: last).
     #[arg(long)]
     pub label_column: Option<String>,
@@ -227,13 +228,19 @@ pub fn train(args: TrainArgs) -> u8 {
 
 fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
     let usage = |m: String| (exit::USAGE, m);
+    // Installed first, so that a Ctrl-C while the data loads also stops the
+    // run cleanly. The first Ctrl-C asks the loop to checkpoint and stop; a
+    // second one exits at once.
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let flag = interrupt.clone();
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(INTERRUPTED as i32);
+        }
+    });
     let ExecutorArg::Reference = args.executor;
-    if !(0.0..1.0).contains(&args.val_split) {
-        return Err(usage(format!(
-            "--val-split must be at least 0 and below 1, found {}",
-            args.val_split
-        )));
-    }
+    validate_numbers(&args).map_err(usage)?;
+    prepare_checkpoint_dir(&args.checkpoint_dir).map_err(usage)?;
     let resume = match &args.resume {
         Some(path) => Some((
             Checkpoint::load(path).map_err(|e| usage(e.to_string()))?,
@@ -243,10 +250,15 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
     };
     let (source, assignments) = match &resume {
         // A resumed run trains the checkpoint's own model and point.
-        Some((checkpoint, _)) => (
-            checkpoint.meta.source.clone(),
-            checkpoint.meta.point.clone(),
-        ),
+        Some((checkpoint, _)) => {
+            if !args.set.is_empty() || args.lr.is_some() || args.model.is_some() {
+                eprintln!("warning: --resume continues the checkpoint's own model, hyperparameters and learning rate; --set, --lr and --model are ignored");
+            }
+            (
+                checkpoint.meta.source.clone(),
+                checkpoint.meta.point.clone(),
+            )
+        }
         None => {
             let source = super::read_model_file(&args.file).map_err(usage)?;
             let assignments = args
@@ -266,7 +278,13 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
 
     let mut loaded = data::load(&args.data, &label_column(&args.label_column))
         .map_err(|e| usage(e.to_string()))?;
-    if let Some(limit) = args.limit {
+    let resumed = resume.as_ref().map(|(c, _)| &c.meta);
+    let limit = args.limit.or(resumed.and_then(|m| m.limit));
+    let val_split = args
+        .val_split
+        .or(resumed.map(|m| m.val_split))
+        .unwrap_or(0.1);
+    if let Some(limit) = limit {
         let first: Vec<usize> = (0..limit.min(loaded.train.len())).collect();
         loaded.train = loaded.train.subset(&first);
     }
@@ -287,15 +305,6 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
     } else {
         Output::Lines
     };
-    let interrupt = Arc::new(AtomicBool::new(false));
-    let flag = interrupt.clone();
-    // The first Ctrl-C asks the loop to checkpoint and stop; a second one
-    // exits at once.
-    let _ = ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(INTERRUPTED as i32);
-        }
-    });
     let setup = TrainSetup {
         model_name,
         source,
@@ -303,7 +312,8 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
         instance,
         train: loaded.train,
         test,
-        val_split: args.val_split,
+        val_split,
+        limit,
         checkpoint_dir: args.checkpoint_dir.clone(),
         logdir: args.logdir.clone(),
         log_every: args.log_every,
@@ -324,6 +334,47 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
         Err(e @ TrainError::Data(_)) => Err(usage(e.to_string())),
         Err(e) => Err((exit::USAGE, e.to_string())),
     }
+}
+
+fn validate_numbers(args: &TrainArgs) -> Result<(), String> {
+    if let Some(split) = args.val_split {
+        if !(0.0..1.0).contains(&split) {
+            return Err(format!(
+                "--val-split must be at least 0 and below 1, found {split}"
+            ));
+        }
+    }
+    if let Some(lr) = args.lr {
+        if !(lr > 0.0 && lr.is_finite()) {
+            return Err(format!("--lr must be a positive number, found {lr}"));
+        }
+    }
+    if args.epochs == Some(0) {
+        return Err("--epochs must be at least 1".into());
+    }
+    if args.batch_size == Some(0) {
+        return Err("--batch-size must be at least 1".into());
+    }
+    if args.limit == Some(0) {
+        return Err("--limit must be at least 1".into());
+    }
+    Ok(())
+}
+
+/// Creates the checkpoint folder and checks that files can be written in
+/// it, so that a run never trains for an hour and then loses its weights.
+fn prepare_checkpoint_dir(dir: &Path) -> Result<(), String> {
+    let fail = |e: std::io::Error| {
+        format!(
+            "cannot write checkpoints to `{}`: {e}; pass a writable folder with --checkpoint-dir",
+            dir.display()
+        )
+    };
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let probe = dir.join(format!(".kiln-write-test.{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(fail)?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
 }
 
 fn apply_overrides(instance: &mut Instance, args: &TrainArgs, resumed: Option<&Metadata>) {
@@ -558,10 +609,32 @@ pub fn predict(args: PredictArgs) -> u8 {
                 out.push('\n');
             }
         }
+        let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if same(&args.out, &args.checkpoint) || same(&args.out, &args.data) {
+            return Err((
+                exit::USAGE,
+                format!(
+                    "--out `{}` is one of the input files; choose another path",
+                    args.out.display()
+                ),
+            ));
+        }
         crate::runtime::checkpoint::write_atomic(&args.out, out.as_bytes(), |f, d| {
             std::io::Write::write_all(f, d)
         })
-        .map_err(|e| (exit::USAGE, e.to_string()))?;
+        .map_err(|e| match e {
+            crate::runtime::checkpoint::CheckpointError::Write { source, .. } => (
+                exit::USAGE,
+                format!(
+                    "cannot write predictions to `{}`: {source}",
+                    args.out.display()
+                ),
+            ),
+            other => (exit::USAGE, other.to_string()),
+        })?;
         eprintln!("wrote {} predictions to {}", data.len(), args.out.display());
         Ok(exit::OK)
     })();

@@ -110,6 +110,15 @@ impl Dataset {
                 self.source
             )));
         }
+        if let Some(i) = self.x.iter().position(|v| !v.is_finite()) {
+            return Err(DataError::Mismatch(format!(
+                "{} has a non-finite value ({}) in sample {} (0-based), feature {}",
+                self.source,
+                self.x[i],
+                i / self.features,
+                i % self.features
+            )));
+        }
         Ok(())
     }
 }

@@ -58,9 +58,11 @@ pub struct EpochRecord {
 /// State of the callbacks that carry over between epochs.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CallbackState {
-    /// Best monitored value so far and its epoch (early stopping and the
-    /// best checkpoint).
+    /// Best value of the checkpoint callback's monitor and its epoch.
     pub best: Option<(f64, usize)>,
+    /// Best value of the early-stopping monitor and its epoch.
+    #[serde(default)]
+    pub stop_best: Option<(f64, usize)>,
     /// Epochs since the early-stopping monitor last improved.
     pub stale_epochs: usize,
     /// The same for reduce-on-plateau, with its own best and cooldown.
@@ -90,6 +92,9 @@ pub struct Metadata {
     pub batch_size: usize,
     pub epochs: usize,
     pub val_split: f64,
+    /// `--limit`: training used only the first this many samples.
+    #[serde(default)]
+    pub limit: Option<usize>,
     pub normalization: Normalization,
     pub input_shape: Vec<usize>,
     pub classes: usize,

@@ -62,6 +62,8 @@ pub struct TrainSetup {
     pub train: Dataset,
     pub test: Option<Dataset>,
     pub val_split: f64,
+    /// `--limit`, recorded so that a resumed run uses the same samples.
+    pub limit: Option<usize>,
     pub checkpoint_dir: PathBuf,
     pub logdir: Option<PathBuf>,
     /// Scalars are also logged every this many steps.
@@ -178,6 +180,7 @@ impl Run {
                     batch_size: config.batch_size,
                     epochs: config.epochs,
                     val_split: setup.val_split,
+                    limit: setup.limit,
                     normalization,
                     input_shape: shape.clone(),
                     classes,
@@ -216,15 +219,19 @@ impl Run {
         Ok(run)
     }
 
+    /// The metric the best checkpoint follows: the checkpoint callback's
+    /// monitor, else validation loss.
     fn monitor(&self) -> Monitor {
-        let from_callbacks = self.config.callbacks.iter().find_map(|c| match c {
-            Callback::Checkpoint { monitor, .. } | Callback::EarlyStopping { monitor, .. } => {
-                Some(*monitor)
-            }
+        let declared = self.config.callbacks.iter().find_map(|c| match c {
+            Callback::Checkpoint { monitor, .. } => Some(*monitor),
             _ => None,
         });
-        let monitor = from_callbacks.unwrap_or(Monitor::ValLoss);
-        // Without a validation split, validation metrics fall back to training ones.
+        self.available(declared.unwrap_or(Monitor::ValLoss))
+    }
+
+    /// Without a validation split, validation metrics fall back to the
+    /// training ones.
+    fn available(&self, monitor: Monitor) -> Monitor {
         match (monitor, self.val.is_some()) {
             (Monitor::ValLoss, false) => Monitor::Loss,
             (Monitor::ValAccuracy, false) => Monitor::Accuracy,
@@ -395,26 +402,9 @@ impl Run {
     fn callbacks(&mut self, record: &EpochRecord) -> Result<bool, TrainError> {
         let monitor = self.monitor();
         let value = self.monitored(record, monitor);
-        let better = |value: f64, best: f64, delta: f64| {
-            if monitor.maximize() {
-                value > best + delta
-            } else {
-                value < best - delta
-            }
-        };
-        let min_delta = self.config.callbacks.iter().find_map(|c| match c {
-            Callback::EarlyStopping { min_delta, .. } => Some(*min_delta),
-            _ => None,
-        });
-        let improved = match self.meta.callbacks.best {
-            None => true,
-            Some((best, _)) => better(value, best, min_delta.unwrap_or(0.0)),
-        };
+        let improved = improves(monitor, value, self.meta.callbacks.best.map(|b| b.0), 0.0);
         if improved {
             self.meta.callbacks.best = Some((value, record.epoch));
-            self.meta.callbacks.stale_epochs = 0;
-        } else {
-            self.meta.callbacks.stale_epochs += 1;
         }
 
         self.reduce_lr_on_plateau(record);
@@ -423,42 +413,56 @@ impl Run {
             _ => None,
         });
         let save = save.unwrap_or(Save::Both);
-        if improved {
-            if matches!(save, Save::Best | Save::Both) {
-                self.save("best")?;
-            }
-            if self.restores_best() {
-                self.best_weights = Some(self.weights.clone());
-            }
+        if improved && matches!(save, Save::Best | Save::Both) {
+            self.save("best")?;
         }
         if matches!(save, Save::Last | Save::Both) {
             self.save("last")?;
         }
         self.csv_log(record)?;
-
-        for callback in &self.config.callbacks {
-            if let Callback::EarlyStopping { patience, .. } = callback {
-                if self.meta.callbacks.stale_epochs > *patience {
-                    if let Some(best) = self.best_weights.take() {
-                        self.weights = best;
-                    }
-                    return Ok(true);
-                }
-            }
-        }
-        Ok(false)
+        Ok(self.early_stopping(record))
     }
 
-    fn restores_best(&self) -> bool {
-        self.config.callbacks.iter().any(|c| {
-            matches!(
-                c,
-                Callback::EarlyStopping {
-                    restore_best: true,
-                    ..
-                }
-            )
-        })
+    /// Keras' rule: stop once the monitor has not improved by `min_delta`
+    /// for `patience` epochs in a row, restoring the best weights if asked.
+    fn early_stopping(&mut self, record: &EpochRecord) -> bool {
+        let Some(Callback::EarlyStopping {
+            monitor,
+            patience,
+            min_delta,
+            restore_best,
+        }) = self
+            .config
+            .callbacks
+            .iter()
+            .find(|c| matches!(c, Callback::EarlyStopping { .. }))
+            .cloned()
+        else {
+            return false;
+        };
+        let monitor = self.available(monitor);
+        let value = self.monitored(record, monitor);
+        let state = &mut self.meta.callbacks;
+        if improves(monitor, value, state.stop_best.map(|b| b.0), min_delta) {
+            state.stop_best = Some((value, record.epoch));
+            state.stale_epochs = 0;
+            if restore_best {
+                self.best_weights = Some(self.weights.clone());
+            }
+            return false;
+        }
+        state.stale_epochs += 1;
+        if state.stale_epochs < patience.max(1) {
+            return false;
+        }
+        if let (Some(best), Some((_, epoch))) = (self.best_weights.take(), state.stop_best) {
+            self.weights = best;
+            self.setup.output.note(&format!(
+                "restored the weights of epoch {epoch}, the best {}",
+                monitor.name()
+            ));
+        }
+        true
     }
 
     fn reduce_lr_on_plateau(&mut self, record: &EpochRecord) {
@@ -474,26 +478,24 @@ impl Run {
             else {
                 continue;
             };
-            let value = self.monitored(record, monitor);
+            let value = self.monitored(record, self.available(monitor));
             let state = &mut self.meta.callbacks;
-            let improved = match state.plateau_best {
-                None => true,
-                Some(best) if monitor.maximize() => value > best + min_delta,
-                Some(best) => value < best - min_delta,
-            };
-            if improved {
-                state.plateau_best = Some(value);
-                state.plateau_stale = 0;
-            } else {
-                state.plateau_stale += 1;
-            }
+            // Keras' rule: count epochs without improvement outside the
+            // cooldown, and reduce once the count reaches `patience`.
             if state.cooldown > 0 {
                 state.cooldown -= 1;
                 state.plateau_stale = 0;
-            } else if state.plateau_stale > patience {
-                self.meta.lr = (self.meta.lr * factor).max(min_lr);
-                state.cooldown = cooldown;
+            }
+            if improves(monitor, value, state.plateau_best, min_delta) {
+                state.plateau_best = Some(value);
                 state.plateau_stale = 0;
+            } else if state.cooldown == 0 {
+                state.plateau_stale += 1;
+                if state.plateau_stale >= patience.max(1) {
+                    self.meta.lr = (self.meta.lr * factor).max(min_lr);
+                    state.cooldown = cooldown;
+                    state.plateau_stale = 0;
+                }
             }
         }
     }
@@ -613,6 +615,16 @@ impl Run {
             events.flush()
         };
         write(events).map_err(|source| TrainError::Log { path, source })
+    }
+}
+
+/// Whether `value` improves on `best` by more than `delta` in the
+/// monitor's direction; anything improves on nothing.
+fn improves(monitor: Monitor, value: f64, best: Option<f64>, delta: f64) -> bool {
+    match best {
+        None => true,
+        Some(best) if monitor.maximize() => value > best + delta,
+        Some(best) => value < best - delta,
     }
 }
 

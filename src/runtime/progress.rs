@@ -49,6 +49,13 @@ impl Output {
         }
     }
 
+    /// A line of information on stderr, such as restored weights.
+    pub fn note(&self, message: &str) {
+        if !matches!(self, Output::Quiet | Output::Json) {
+            eprintln!("{message}");
+        }
+    }
+
     pub fn warn(&self, message: &str) {
         if *self != Output::Quiet {
             eprintln!("warning: {message}");
