@@ -6,7 +6,8 @@
 //! initialisation all draw from the counter-based generator keyed by the
 //! seed, the epoch and the step, and the reference executor computes in a
 //! fixed order. The same seed, data and model give bit-identical weights,
-//! and resuming from a checkpoint continues exactly where the run stopped.
+//! and resuming from a checkpoint with the same data continues exactly where
+//! the run stopped.
 
 pub mod augment;
 pub mod checkpoint;
