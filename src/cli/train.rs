@@ -174,9 +174,15 @@ fn instantiate(
     let (space, _) = program.space(ast);
     let mut partial = Point::default();
     for (name, text) in assignments {
-        let hparam = space
-            .get(name)
-            .ok_or_else(|| format!("`--set {name}`: the model has no hyperparameter `{name}`"))?;
+        let hparam = space.get(name).ok_or_else(|| {
+            let names: Vec<&str> = space.params.iter().map(|p| p.name.as_str()).collect();
+            let hint = match crate::check::args::suggest(name, names.iter().copied()) {
+                Some(close) => format!("; did you mean `{close}`?"),
+                None if names.is_empty() => "; it declares none".to_string(),
+                None => format!("; it declares {}", names.join(", ")),
+            };
+            format!("`--set {name}`: the model has no hyperparameter `{name}`{hint}")
+        })?;
         let value = parse_value(text);
         if !hparam.domain.contains(&value) {
             return Err(format!(
@@ -428,10 +434,12 @@ fn print_summary(summary: &runtime::Summary, output: Output, dir: &Path) {
                 println!("stopped early: {} did not improve", summary.monitor.name());
             }
             if let Some((value, epoch)) = summary.best {
-                println!(
-                    "best {} {value:.4} at epoch {epoch}",
-                    summary.monitor.name()
-                );
+                let shown = if summary.monitor.maximize() {
+                    format!("{:.2}%", 100.0 * value)
+                } else {
+                    format!("{value:.4}")
+                };
+                println!("best {} {shown} at epoch {epoch}", summary.monitor.name());
             }
             if let Some(r) = last {
                 if let (Some(loss), Some(acc)) = (r.val_loss, r.val_accuracy) {
@@ -444,9 +452,10 @@ fn print_summary(summary: &runtime::Summary, output: Output, dir: &Path) {
                     );
                 }
             }
+            let epochs = summary.history.len();
+            let plural = if epochs == 1 { "" } else { "s" };
             println!(
-                "{} epochs in {:.1}s; checkpoint {}",
-                summary.history.len(),
+                "{epochs} epoch{plural} in {:.1}s; checkpoint {}",
                 summary.seconds,
                 summary.checkpoint.display()
             );

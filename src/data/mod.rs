@@ -98,8 +98,9 @@ impl Dataset {
         }
         if let Some(max) = self.labels.iter().max() {
             if *max >= classes {
+                let position = self.labels.iter().position(|l| l == max).unwrap_or(0);
                 return Err(DataError::Mismatch(format!(
-                    "{} has labels up to {max}, but the model has {classes} classes",
+                    "{} has label {max} in sample {position} (0-based), but the model has {classes} classes; for CSV files, check which column holds the label (--label-column, default: the last)",
                     self.source
                 )));
             }
