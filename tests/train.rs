@@ -22,7 +22,7 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// The JSON records `--json` prints, one per line.
+/// Parses the JSON records `--json` prints, one per line.
 fn records(out: &Output) -> Vec<serde_json::Value> {
     text(&out.stdout)
         .lines()
@@ -30,7 +30,8 @@ fn records(out: &Output) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Every tensor of a checkpoint, by name (metadata such as timings left out).
+/// Reads every tensor of a checkpoint, by name, leaving out metadata such
+/// as timings.
 fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();

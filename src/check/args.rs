@@ -3,7 +3,7 @@
 
 use super::value::Value;
 
-/// What a parameter accepts.
+/// Kind of value a parameter accepts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Kind {
     Int,
@@ -65,7 +65,7 @@ pub const fn param(name: &'static str, kind: Kind, default: Default) -> Param {
     }
 }
 
-/// Why arguments could not be bound.
+/// Reason arguments could not be bound.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BindError {
     /// A keyword that the table does not have (index into the keywords given).

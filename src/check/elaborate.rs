@@ -51,9 +51,10 @@ struct SharedLayer {
 /// Where a block was declared, which decides what its body can see.
 #[derive(Clone, Copy)]
 enum Scope {
-    /// In a model: sees the model's blocks and hyperparameters.
+    /// In a model: its body can use the model's blocks and hyperparameters.
     Model,
-    /// At the top of the file: sees only top-level blocks and its settings.
+    /// At the top of the file: its body can use only top-level blocks and
+    /// its own settings.
     File,
 }
 
@@ -107,7 +108,7 @@ pub struct Elaborator<'p> {
     aborted: bool,
 }
 
-/// What a call's callee resolved to.
+/// The resolved callee of a call.
 enum Callee<'p> {
     Layer(&'static LayerSpec),
     Block(&'p ast::Block, Scope),
@@ -990,7 +991,7 @@ impl<'p> Elaborator<'p> {
 
     // ------------------------------------------------------------ settings
 
-    /// The value of hyperparameter `name` at this point, if the frame can see
+    /// Returns the value of hyperparameter `name` at this point, if the frame can see
     /// hyperparameters and one of that name is declared.
     fn hparam_value(&mut self, frame: &Frame<'p>, name: &str, span: &Span) -> Option<Value> {
         if !matches!(frame.scope, Scope::Model) {
@@ -1380,7 +1381,7 @@ fn stmt_span(stmt: &Stmt) -> Span {
     }
 }
 
-/// The blocks declared directly in a model body.
+/// Returns the blocks declared directly in a model body.
 pub fn model_blocks(model: &ast::Model) -> impl Iterator<Item = &ast::Block> {
     model.body.iter().filter_map(|s| match s {
         Stmt::Block(b) => Some(b),
@@ -1398,7 +1399,7 @@ fn find_assignment<'a>(stmts: &'a [Stmt], name: &str) -> Option<(&'a ast::Ident,
     })
 }
 
-/// Whether `expr` refers to the name `name`.
+/// Returns whether `expr` refers to the name `name`.
 fn mentions(expr: &Expr, name: &str) -> bool {
     match &expr.kind {
         ExprKind::Name(n) => n == name,

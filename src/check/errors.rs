@@ -7,7 +7,7 @@ use super::value::Value;
 use crate::diag::{codes, Diagnostic, Span};
 use crate::syntax::ast::{Call, Expr, Ident};
 
-/// A keyword argument as the checker sees it: its name, where it was
+/// A keyword argument as the checker evaluates it: its name, where it was
 /// written, and its value.
 pub struct KeywordArg<'a> {
     pub key: &'a Ident,

@@ -127,7 +127,7 @@ pub enum Op {
 }
 
 impl Op {
-    /// The operator's name as the summary shows it.
+    /// Returns the operator's name as the summary shows it.
     pub fn name(&self) -> &'static str {
         match self {
             Op::Input => "input",
@@ -205,7 +205,7 @@ impl Op {
 /// One layer instance in the graph.
 #[derive(Debug, Clone)]
 pub struct Node {
-    /// A path that says where the layer came from, such as `stage1/h.conv`.
+    /// A path that names where the layer came from, such as `stage1/h.conv`.
     pub name: String,
     pub op: Op,
     pub inputs: Vec<NodeId>,
@@ -337,7 +337,7 @@ impl Graph {
         }
     }
 
-    /// How many nodes read each node's output.
+    /// Counts how many nodes read each node's output.
     pub fn consumer_counts(&self) -> Vec<usize> {
         let mut counts = vec![0; self.nodes.len()];
         for node in &self.nodes {

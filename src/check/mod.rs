@@ -79,7 +79,7 @@ pub struct Instance {
     pub train: TrainConfig,
 }
 
-/// What `kiln check` learns about one model.
+/// Result of checking one model.
 #[derive(Debug, Clone)]
 pub struct ModelReport {
     pub name: String,
@@ -457,7 +457,7 @@ impl Program {
     }
 }
 
-/// What one elaboration produced.
+/// Output of one elaboration.
 struct Elaboration {
     /// Values that do not reach the output.
     warnings: Vec<Diagnostic>,
@@ -613,7 +613,8 @@ fn section_span(stmt: &ast::Stmt) -> Option<Span> {
     }
 }
 
-/// The most diagnostics reported for one file; the rest are counted.
+/// Maximum number of diagnostics reported for one file. The rest are
+/// counted in a final diagnostic.
 const MAX_DIAGNOSTICS: usize = 200;
 
 /// Removes repeats of the same diagnostic, which blocks and `repeat` bodies

@@ -33,13 +33,13 @@ const MAX_VISITED_RANGE: u64 = 16;
 /// Grids of more steps than this are treated as continuous.
 const MAX_GRID_STEPS: f64 = 1e15;
 
-/// Where inside a range the checker probes besides the ends: the golden
-/// section, which avoids round numbers, so that a float range used where an
-/// integer is required shows up.
+/// Position of the interior probe of a range, as a fraction of its width:
+/// the golden section, which avoids round numbers, so a float range used
+/// where an integer is required shows up.
 const INTERIOR: f64 = 0.381_966;
 
 impl Domain {
-    /// The number of distinct values, or `None` for a continuous range.
+    /// Returns the number of distinct values, or `None` for a continuous range.
     pub fn size(&self) -> Option<u64> {
         match *self {
             Domain::Int {
@@ -83,7 +83,7 @@ impl Domain {
         }
     }
 
-    /// The values the static check visits: every value of a small discrete
+    /// Returns the values the static check visits: every value of a small discrete
     /// domain, else the two ends of the range.
     pub fn visited_values(&self) -> Vec<Value> {
         match *self {
@@ -212,8 +212,8 @@ pub struct HParam {
 /// Steps of the exact point count before it gives up.
 const MAX_COUNT_WORK: u64 = 1_000_000;
 
-/// The most hyperparameters a search space may declare; the point count
-/// and enumeration recurse once per hyperparameter.
+/// Maximum number of hyperparameters in a search space. The point count
+/// and the enumeration recurse once per hyperparameter.
 pub const MAX_HPARAMS: usize = 256;
 
 /// A model's search space: its hyperparameters in declaration order.
@@ -261,7 +261,7 @@ impl Space {
         self.params.is_empty()
     }
 
-    /// Whether `param` is active given the values chosen so far.
+    /// Returns whether `param` is active given the values chosen so far.
     pub fn is_active(&self, param: &HParam, point: &Point) -> bool {
         match &param.condition {
             None => true,
@@ -271,7 +271,7 @@ impl Space {
         }
     }
 
-    /// The point where every active hyperparameter takes its default.
+    /// Returns the point where every active hyperparameter takes its default.
     pub fn default_point(&self) -> Point {
         self.complete(Point::default())
     }
@@ -293,16 +293,16 @@ impl Space {
         point
     }
 
-    /// The number of points when every discrete domain is counted in full;
-    /// `None` when an active continuous range makes it infinite.
+    /// Counts the points when every discrete domain is counted in full. The
+    /// result is `None` when an active continuous range makes it infinite.
     pub fn size(&self) -> Option<u64> {
         let mut work = MAX_COUNT_WORK;
         self.count_from(0, &mut Point::default(), &mut work)
     }
 
-    /// Counts the points below `index`. Only the values that some condition
-    /// tests are branched on; all other values of a domain lead to the same
-    /// subtree, so their count is one subtree times their number.
+    /// Counts the points below `index`. It branches only on values that some
+    /// condition tests, because all other values of a domain lead to the same
+    /// subtree, whose count is then multiplied by their number.
     fn count_from(&self, index: usize, point: &mut Point, work: &mut u64) -> Option<u64> {
         let Some(param) = self.params.get(index) else {
             return Some(1);
@@ -338,7 +338,7 @@ impl Space {
         Some(total)
     }
 
-    /// The values of `param`'s domain that a condition of a later
+    /// Returns the values of `param`'s domain that a condition of a later
     /// hyperparameter tests.
     fn tested_values(&self, param: &HParam) -> Vec<Value> {
         let mut tested: Vec<Value> = Vec::new();
@@ -354,7 +354,7 @@ impl Space {
         tested
     }
 
-    /// The points the static check visits, at most `limit` of them: every
+    /// Returns the points the static check visits, at most `limit` of them: every
     /// combination of the values each domain offers to
     /// [`Domain::visited_values`], skipping inactive hyperparameters.
     /// Returns the points and whether the list was cut at `limit`.
@@ -393,7 +393,7 @@ impl Space {
         points
     }
 
-    /// The values the check tries for one hyperparameter: those of
+    /// Returns the values the check tries for one hyperparameter: those of
     /// [`Domain::visited_values`] and the default.
     fn candidates(&self, param: &HParam) -> Vec<Value> {
         let mut values = param.domain.visited_values();

@@ -81,7 +81,7 @@ pub enum Monitor {
 }
 
 impl Monitor {
-    /// Whether larger is better.
+    /// Returns whether larger values are better.
     pub fn maximize(self) -> bool {
         matches!(self, Monitor::Accuracy | Monitor::ValAccuracy)
     }
@@ -405,7 +405,7 @@ fn count(expr: &Expr, value: &Value, key: &str, min: i64) -> Result<usize, Diagn
     }
 }
 
-/// The items of a list setting with their source expressions; a single
+/// Returns the items of a list setting with their source expressions; a single
 /// value counts as a list of one.
 fn list<'a>(expr: &'a Expr, value: &'a Value) -> Vec<(&'a Expr, &'a Value)> {
     match (&expr.kind, value) {

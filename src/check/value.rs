@@ -10,7 +10,7 @@ pub enum Value {
     Float(f64),
     Bool(bool),
     /// A bare name that is not bound to anything, such as `same` or `sgd`;
-    /// whoever reads it decides whether it is a valid word.
+    /// the parameter it is passed to decides whether it is valid.
     Word(String),
     Str(String),
     /// A reference to a block by name.
@@ -35,7 +35,7 @@ impl Value {
         }
     }
 
-    /// The integer this value denotes: an integer, or a float with no
+    /// Returns the integer this value denotes: an integer, or a float with no
     /// fractional part (so `1e6` is accepted where a count is expected).
     pub fn as_i64(&self) -> Option<i64> {
         match *self {
@@ -45,7 +45,7 @@ impl Value {
         }
     }
 
-    /// A short description of the kind of value, for error messages.
+    /// Describes the kind of value in a few words, for error messages.
     pub fn kind_name(&self) -> &'static str {
         match self {
             Value::Int(_) => "an integer",

@@ -53,7 +53,7 @@ enum Command {
         /// operators in training mode).
         #[arg(long, value_enum, default_value_t = compile::Emit::Ir)]
         emit: compile::Emit,
-        /// Which model of the file; the first when omitted.
+        /// The model of the file to use; the first when omitted.
         #[arg(long)]
         model: Option<String>,
         /// Samples per batch, the leading axis of every shape.
@@ -113,7 +113,7 @@ pub fn main() -> ExitCode {
 const MAX_MODEL_BYTES: u64 = 1 << 20;
 
 /// Reads a `.model` file as UTF-8 text, rejecting special files, files over
-/// [`MAX_MODEL_BYTES`] and invalid UTF-8 with a message that says where.
+/// [`MAX_MODEL_BYTES`] and invalid UTF-8 with a message that gives the position.
 ///
 /// # Errors
 /// Returns the message to print.

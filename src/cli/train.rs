@@ -32,7 +32,7 @@ pub struct TrainArgs {
     /// are used when this is omitted).
     #[arg(long)]
     pub test_data: Option<PathBuf>,
-    /// Which model of the file; the first when omitted.
+    /// The model of the file to use; the first when omitted.
     #[arg(long)]
     pub model: Option<String>,
     /// Set a hyperparameter, as `--set width=32`; repeatable.
@@ -235,7 +235,7 @@ pub fn train(args: TrainArgs) -> u8 {
 fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
     let usage = |m: String| (exit::USAGE, m);
     // Installed first, so that a Ctrl-C while the data loads also stops the
-    // run cleanly. The first Ctrl-C asks the loop to checkpoint and stop; a
+    // run cleanly. The first Ctrl-C sets a flag on which the loop checkpoints and stops, and a
     // second one exits at once.
     let interrupt = Arc::new(AtomicBool::new(false));
     let flag = interrupt.clone();
@@ -431,7 +431,7 @@ fn print_summary(summary: &runtime::Summary, output: Output, dir: &Path) {
                 return;
             }
             if summary.stopped_early {
-                println!("stopped early: {} did not improve", summary.monitor.name());
+                println!("stopped early: the early_stopping callback's monitor did not improve");
             }
             if let Some((value, epoch)) = summary.best {
                 let shown = if summary.monitor.maximize() {

@@ -52,7 +52,7 @@ pub struct Dataset {
     pub labels: Vec<usize>,
     /// Elements per sample.
     pub features: usize,
-    /// Where the samples came from, for messages.
+    /// Origin of the samples, for messages.
     pub source: String,
 }
 
@@ -69,7 +69,7 @@ impl Dataset {
         &self.x[i * self.features..(i + 1) * self.features]
     }
 
-    /// The samples at `indices`, in that order.
+    /// Copies the samples at `indices`, in that order.
     pub fn subset(&self, indices: &[usize]) -> Dataset {
         let mut x = Vec::with_capacity(indices.len() * self.features);
         for &i in indices {
@@ -100,7 +100,7 @@ impl Dataset {
             if *max >= classes {
                 let position = self.labels.iter().position(|l| l == max).unwrap_or(0);
                 return Err(DataError::Mismatch(format!(
-                    "{} has label {max} in sample {position} (0-based), but the model has {classes} classes; for CSV files, check which column holds the label (--label-column, default: the last)",
+                    "{} has label {max} in sample {position} (0-based), but the model has {classes} classes; for CSV files, check which column contains the label (--label-column, default: the last)",
                     self.source
                 )));
             }
@@ -124,7 +124,7 @@ impl Dataset {
     }
 }
 
-/// How the label column of a CSV file is found.
+/// Location of the label column in a CSV file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LabelColumn {
     /// The last column (the default).
@@ -255,7 +255,7 @@ impl Normalization {
     }
 }
 
-/// A seeded permutation of `0..n`.
+/// Draws a seeded permutation of `0..n`.
 pub fn permutation(n: usize, seed: u64, stream: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     // Fisher-Yates with draws from the counter-based generator.

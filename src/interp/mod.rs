@@ -239,7 +239,7 @@ fn labels_of(graph: &Graph, batch: &Batch) -> Result<Vec<usize>, InterpError> {
     Ok(labels.to_vec())
 }
 
-/// What one training step reports.
+/// Result of one training step.
 pub struct StepOutput {
     pub loss: f32,
     pub values: Values,

@@ -10,7 +10,7 @@ use ndarray::{s, Array2, ArrayD, Axis, IxDyn};
 
 pub type Tensor = ArrayD<f32>;
 
-/// A 1-D tensor from a vector.
+/// Wraps a vector as a 1-D tensor.
 pub fn vector(values: Vec<f32>) -> Tensor {
     ndarray::Array1::from(values).into_dyn()
 }
@@ -85,7 +85,7 @@ struct Window {
 }
 
 impl Window {
-    /// The input cell that window offset `(ki, kj)` reads for output
+    /// Returns the input cell that window offset `(ki, kj)` reads for output
     /// `(oy, ox)`, or `None` in the padding.
     fn source(&self, oy: usize, ox: usize, ki: usize, kj: usize) -> Option<(usize, usize)> {
         let iy = (oy * self.stride + ki * self.dilation).checked_sub(self.top)?;
@@ -108,59 +108,61 @@ fn conv_window(x: &[usize], out: &[usize], a: &ConvAttrs) -> Window {
     }
 }
 
+/// Calls `f(column, cell)` for every kernel tap of channels `c0..c0 + cg`
+/// of every image that reads inside the input: `column` indexes the im2col
+/// matrix `[cg · K · K, N · OH · OW]` and `cell` the `[N, C, H, W]` tensor.
+/// Taps that fall into the padding are skipped.
+fn for_each_tap(
+    n_images: usize,
+    channels: usize,
+    c0: usize,
+    cg: usize,
+    win: &Window,
+    mut f: impl FnMut(usize, usize),
+) {
+    let (k, cells) = (win.kernel, win.oh * win.ow);
+    for c in 0..cg {
+        for ki in 0..k {
+            for kj in 0..k {
+                let row = ((c * k + ki) * k + kj) * n_images * cells;
+                for n in 0..n_images {
+                    let plane = (n * channels + c0 + c) * win.h * win.w;
+                    for oy in 0..win.oh {
+                        for ox in 0..win.ow {
+                            if let Some((iy, ix)) = win.source(oy, ox, ki, kj) {
+                                f(row + n * cells + oy * win.ow + ox, plane + iy * win.w + ix);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Unfolds channels `c0..c0 + cg` of every image into columns
 /// `[cg · K · K, N · OH · OW]`, so that one matrix product per group
 /// computes the convolution of the whole batch.
 fn im2col(x: &Tensor, c0: usize, cg: usize, win: &Window) -> Array2<f32> {
-    let (n_images, k, cells) = (x.shape()[0], win.kernel, win.oh * win.ow);
-    let channels = x.shape()[1];
+    let (n_images, channels) = (x.shape()[0], x.shape()[1]);
+    let rows = cg * win.kernel * win.kernel;
+    let columns = n_images * win.oh * win.ow;
     let xs = x.as_slice().expect("standard layout");
-    let mut cols = vec![0f32; cg * k * k * n_images * cells];
-    for c in 0..cg {
-        for ki in 0..k {
-            for kj in 0..k {
-                let row = ((c * k + ki) * k + kj) * n_images * cells;
-                for n in 0..n_images {
-                    let plane = ((n * channels + c0 + c) * win.h) * win.w;
-                    for oy in 0..win.oh {
-                        for ox in 0..win.ow {
-                            if let Some((iy, ix)) = win.source(oy, ox, ki, kj) {
-                                cols[row + n * cells + oy * win.ow + ox] =
-                                    xs[plane + iy * win.w + ix];
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    Array2::from_shape_vec((cg * k * k, n_images * cells), cols).expect("sizes agree")
+    let mut cols = vec![0f32; rows * columns];
+    for_each_tap(n_images, channels, c0, cg, win, |column, cell| {
+        cols[column] = xs[cell];
+    });
+    Array2::from_shape_vec((rows, columns), cols).expect("sizes agree")
 }
 
 /// Folds columns back into `dx`, adding overlapping cells.
 fn col2im(cols: &Array2<f32>, dx: &mut Tensor, c0: usize, cg: usize, win: &Window) {
-    let (n_images, k, cells) = (dx.shape()[0], win.kernel, win.oh * win.ow);
-    let channels = dx.shape()[1];
+    let (n_images, channels) = (dx.shape()[0], dx.shape()[1]);
     let cols = cols.as_slice().expect("standard layout");
     let dxs = dx.as_slice_mut().expect("standard layout");
-    for c in 0..cg {
-        for ki in 0..k {
-            for kj in 0..k {
-                let row = ((c * k + ki) * k + kj) * n_images * cells;
-                for n in 0..n_images {
-                    let plane = ((n * channels + c0 + c) * win.h) * win.w;
-                    for oy in 0..win.oh {
-                        for ox in 0..win.ow {
-                            if let Some((iy, ix)) = win.source(oy, ox, ki, kj) {
-                                dxs[plane + iy * win.w + ix] +=
-                                    cols[row + n * cells + oy * win.ow + ox];
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
+    for_each_tap(n_images, channels, c0, cg, win, |column, cell| {
+        dxs[cell] += cols[column];
+    });
 }
 
 /// Weights of group `g` as a matrix `[Cout / groups, Cin / groups · K · K]`.
@@ -399,7 +401,7 @@ fn act_value(act: Act, x: f32) -> f32 {
     }
 }
 
-/// The derivative of an activation at `x`. ReLU's derivative at 0 is 0, as
+/// Computes the derivative of an activation at `x`. ReLU's derivative at 0 is 0, as
 /// in PyTorch.
 fn act_derivative(act: Act, x: f32) -> f32 {
     match act {
@@ -567,7 +569,8 @@ pub fn reshape(x: &Tensor, shape: &[usize]) -> Tensor {
         .expect("element counts agree")
 }
 
-/// A mask of `0` (dropped, with probability `rate`) and `1 / (1 - rate)`.
+/// Draws a mask of `0` (dropped, with probability `rate`) and
+/// `1 / (1 - rate)`.
 pub fn dropout_mask(shape: &[usize], rate: f32, seed: u64, stream: u32) -> Tensor {
     let keep = 1.0 / (1.0 - rate);
     let values = (0..shape.iter().product::<usize>())
@@ -612,7 +615,8 @@ pub fn softmax_grad(dy: &Tensor, y: &Tensor) -> Tensor {
     dx
 }
 
-/// The target distribution of one row: one-hot, smoothed towards uniform.
+/// Returns the target distribution of one row: one-hot, smoothed towards
+/// uniform.
 fn target(label: usize, classes: usize, smoothing: f32) -> impl Iterator<Item = f32> {
     (0..classes).map(move |j| {
         let hot = if j == label { 1.0 } else { 0.0 };

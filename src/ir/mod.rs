@@ -76,7 +76,7 @@ pub enum Act {
     },
 }
 
-/// How a parameter is initialised.
+/// Initialiser of a parameter.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Init {
     /// Uniform in `[-bound, bound]`.
@@ -112,10 +112,10 @@ pub enum Op {
     BatchNorm {
         eps: f32,
     },
-    /// `(1 - momentum) * running + momentum * stat * correction`: the new
-    /// value of a running statistic; `correction` is `n / (n - 1)` for the
-    /// variance (an unbiased running value, as PyTorch keeps) and 1 for the
-    /// mean.
+    /// `(1 - momentum) * running + momentum * stat * correction`, the new
+    /// value of a running statistic. `correction` is `n / (n - 1)` for the
+    /// variance, because PyTorch keeps an unbiased running variance, and 1
+    /// for the mean.
     RunningUpdate {
         momentum: f32,
         correction: f32,
@@ -241,7 +241,7 @@ pub struct Node {
     pub op: Op,
     pub inputs: Vec<ValueId>,
     pub shape: Vec<usize>,
-    /// Where the node came from, such as `x.conv` or `x.conv/grad`.
+    /// Origin of the node, such as `x.conv` or `x.conv/grad`.
     pub name: String,
 }
 
@@ -317,7 +317,7 @@ impl Graph {
         id
     }
 
-    /// The `Param` node of each parameter, by parameter index.
+    /// Returns the `Param` node of each parameter, by parameter index.
     pub fn param_nodes(&self) -> Vec<Option<ValueId>> {
         let mut nodes = vec![None; self.params.len()];
         for (i, node) in self.nodes.iter().enumerate() {

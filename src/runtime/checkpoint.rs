@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// The metadata key that holds [`Metadata`] as JSON.
+/// The metadata key that contains [`Metadata`] as JSON.
 const METADATA_KEY: &str = "kiln";
 const FORMAT: u32 = 1;
 
@@ -244,7 +244,7 @@ impl Checkpoint {
         Ok(Checkpoint { meta, tensors: map })
     }
 
-    /// The weights for `graph`, by name.
+    /// Looks up the weights for `graph` by name.
     ///
     /// # Errors
     /// Names the first tensor that is missing or has the wrong shape.

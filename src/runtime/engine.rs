@@ -19,7 +19,7 @@ pub enum EngineError {
     Run(#[from] InterpError),
 }
 
-/// Which executor runs the graphs.
+/// The executor that runs the graphs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExecutorKind {
     /// The reference executor on ndarray.
@@ -34,7 +34,7 @@ pub struct Engine {
     infer: HashMap<usize, Graph>,
 }
 
-/// What a training step returns.
+/// The result of one training step.
 pub struct Step {
     pub loss: f32,
     pub logits: Tensor,
@@ -53,8 +53,8 @@ impl Engine {
         }
     }
 
-    /// The training graph for `batch` samples, lowered and differentiated on
-    /// first use.
+    /// Returns the training graph for `batch` samples, lowering and
+    /// differentiating it on first use.
     ///
     /// # Errors
     /// When lowering or differentiation fails.
@@ -120,23 +120,32 @@ impl Engine {
         })
     }
 
-    /// Computes logits for a batch with running statistics and no dropout.
-    ///
-    /// # Errors
-    /// When the batch does not fit the graph.
-    pub fn predict(&mut self, weights: &Weights, input: &Tensor) -> Result<Tensor, EngineError> {
-        let batch = input.shape()[0];
-        let graph = self.infer_graph(batch)?;
+    /// Runs the inference graph (running statistics, no dropout) on a batch.
+    fn run_inference(
+        &mut self,
+        weights: &Weights,
+        input: &Tensor,
+    ) -> Result<(&Graph, Values), EngineError> {
+        let graph = self.infer_graph(input.shape()[0])?;
         let data = Batch {
             input,
             labels: None,
         };
         let values = interp::run(graph, weights, &data, 0)?;
+        Ok((graph, values))
+    }
+
+    /// Computes logits for a batch with running statistics and no dropout.
+    ///
+    /// # Errors
+    /// When the batch does not fit the graph.
+    pub fn predict(&mut self, weights: &Weights, input: &Tensor) -> Result<Tensor, EngineError> {
+        let (graph, values) = self.run_inference(weights, input)?;
         Ok(values.get(graph.logits.expect("model output")).clone())
     }
 
-    /// The values every layer produces for a batch, by node name (for
-    /// activation histograms).
+    /// Computes the value every layer produces for a batch, by node name, for
+    /// activation histograms.
     ///
     /// # Errors
     /// When the batch does not fit the graph.
@@ -145,13 +154,7 @@ impl Engine {
         weights: &Weights,
         input: &Tensor,
     ) -> Result<Vec<(String, Tensor)>, EngineError> {
-        let batch = input.shape()[0];
-        let graph = self.infer_graph(batch)?;
-        let data = Batch {
-            input,
-            labels: None,
-        };
-        let values = interp::run(graph, weights, &data, 0)?;
+        let (graph, values) = self.run_inference(weights, input)?;
         Ok(graph
             .nodes
             .iter()
@@ -162,8 +165,8 @@ impl Engine {
     }
 }
 
-/// Names the first parameter, or else the first computed value, that holds
-/// a NaN or an infinity.
+/// Names the first parameter, or else the first computed value, that
+/// contains a NaN or an infinity.
 fn first_non_finite(graph: &Graph, weights: &Weights, values: &Values) -> Option<String> {
     let bad = |t: &Tensor| t.iter().any(|v| !v.is_finite());
     if let Some((info, _)) = graph

@@ -74,7 +74,7 @@ pub struct TrainSetup {
     pub interrupt: Arc<AtomicBool>,
 }
 
-/// How a run ended.
+/// Outcome of a training run.
 #[derive(Debug)]
 pub struct Summary {
     pub history: Vec<EpochRecord>,
@@ -220,7 +220,7 @@ impl Run {
         Ok(run)
     }
 
-    /// The metric the best checkpoint follows: the checkpoint callback's
+    /// Returns the metric the best checkpoint follows: the checkpoint callback's
     /// monitor, else validation loss.
     fn monitor(&self) -> Monitor {
         let declared = self.config.callbacks.iter().find_map(|c| match c {
@@ -265,7 +265,7 @@ impl Run {
         Ok((false, false))
     }
 
-    /// One pass over the training data; `None` when interrupted.
+    /// Runs one pass over the training data. Returns `None` when interrupted.
     fn train_epoch(&mut self, epoch: usize) -> Result<Option<Metrics>, TrainError> {
         let batch_size = self.config.batch_size.max(1);
         let order = crate::data::permutation(self.train.len(), self.config.seed, epoch as u64);
@@ -619,8 +619,8 @@ impl Run {
     }
 }
 
-/// Whether `value` improves on `best` by more than `delta` in the
-/// monitor's direction; anything improves on nothing.
+/// Returns whether `value` improves on `best` by more than `delta` in the
+/// monitor's direction. Any value improves on no value.
 fn improves(monitor: Monitor, value: f64, best: Option<f64>, delta: f64) -> bool {
     match best {
         None => true,

@@ -1,4 +1,4 @@
-//! What a run prints: a progress bar per epoch on a terminal, one line per
+//! Output of a training run: a progress bar per epoch on a terminal, one line per
 //! epoch otherwise, JSON records with `--json`, nothing with `--quiet`.
 
 use super::checkpoint::EpochRecord;
@@ -14,7 +14,7 @@ pub enum Output {
 }
 
 impl Output {
-    /// A bar for the epoch's steps, when bars are shown.
+    /// Creates a bar for the epoch's steps, when bars are shown.
     pub fn start_epoch(
         &self,
         epoch: usize,
@@ -49,7 +49,7 @@ impl Output {
         }
     }
 
-    /// A line of information on stderr, such as restored weights.
+    /// Prints a line of information on stderr, such as restored weights.
     pub fn note(&self, message: &str) {
         if !matches!(self, Output::Quiet | Output::Json) {
             eprintln!("{message}");

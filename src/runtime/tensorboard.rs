@@ -105,7 +105,7 @@ impl EventWriter {
         self.out.write_all(&masked_crc(data).to_le_bytes())
     }
 
-    /// Writes an `Event` at `step` whose summary holds one value.
+    /// Writes an `Event` at `step` whose summary contains one value.
     fn summary(&mut self, step: u64, value: Message) -> std::io::Result<()> {
         let mut summary = Message::default();
         summary.bytes(1, &value.0); // Summary.value

@@ -82,7 +82,7 @@ fn convert(root: Option<Pair<Rule>>) -> File {
     file
 }
 
-/// The byte range of a pair, without the whitespace that a failed optional
+/// Returns the byte range of a pair, without the whitespace that a failed optional
 /// part at its end may have consumed.
 fn span(pair: &Pair<Rule>) -> Span {
     let s = pair.as_span();
@@ -495,7 +495,7 @@ fn join_alternatives(names: &[&str]) -> String {
     }
 }
 
-/// The words a syntax error uses for each rule. The match has no wildcard arm
+/// Returns the words a syntax error uses for each rule. The match has no wildcard arm
 /// so that a new rule does not compile until it has a name.
 fn rule_name(rule: Rule) -> &'static str {
     match rule {
