@@ -4,7 +4,7 @@
 use super::exit;
 use crate::interp::optim::OptimizerState;
 use crate::interp::{Tensor, Weights};
-use crate::runtime::engine::Engine;
+use crate::runtime::engine::ExecutorKind;
 use clap::Args;
 use ndarray::IxDyn;
 use std::path::PathBuf;
@@ -26,6 +26,8 @@ pub struct BenchArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub exec: super::train::ExecArgs,
 }
 
 fn median(mut times: Vec<f64>) -> f64 {
@@ -53,16 +55,35 @@ pub fn run(args: BenchArgs) -> u8 {
     .expect("shape");
     let labels: Vec<usize> = (0..batch).map(|i| i % classes).collect();
 
+    let mut engine = match args.exec.engine(graph.clone(), instance.train.loss.clone()) {
+        Ok(engine) => engine,
+        Err((code, message)) => {
+            eprintln!("kiln: {message}");
+            return code;
+        }
+    };
+    // Compile time covers lowering, differentiation, fusion and code
+    // generation of the training program.
     let compile_start = Instant::now();
-    let mut engine = Engine::new(graph.clone(), instance.train.loss.clone());
-    let train_graph = match engine.train_graph(batch) {
-        Ok(g) => g.clone(),
+    let prepared = match engine.executor() {
+        ExecutorKind::Jit => engine
+            .compiled_train(batch, &instance.train.optimizer)
+            .map(|p| p.graph().clone()),
+        ExecutorKind::Reference => engine.train_graph(batch).cloned(),
+    };
+    let train_graph = match prepared {
+        Ok(g) => g,
         Err(e) => {
             eprintln!("kiln: {e}");
             return exit::INVALID_MODEL;
         }
     };
     let compile_ms = compile_start.elapsed().as_secs_f64() * 1e3;
+    let executor = match engine.executor() {
+        ExecutorKind::Jit => "jit",
+        ExecutorKind::Reference => "reference",
+    };
+    let threads = engine.threads();
     let mut weights = Weights::init(&train_graph, 0);
     let mut optimizer = OptimizerState::new(instance.train.optimizer.clone());
 
@@ -94,9 +115,9 @@ pub fn run(args: BenchArgs) -> u8 {
     let train_gflops = 3.0 * flops / step / 1e9;
     let report = serde_json::json!({
         "model": args.file.display().to_string(),
-        "executor": "reference",
+        "executor": executor,
         "batch": batch,
-        "threads": 1,
+        "threads": threads,
         "compile_ms": compile_ms,
         "train_step_ms": step * 1e3,
         "train_gflops": train_gflops,
@@ -107,7 +128,7 @@ pub fn run(args: BenchArgs) -> u8 {
         println!("{report}");
     } else {
         println!("model            {}", args.file.display());
-        println!("executor         reference, batch {batch}");
+        println!("executor         {executor}, batch {batch}, {threads} threads");
         println!("compile          {compile_ms:.1} ms");
         println!(
             "training step    {:.1} ms (median of {}), {train_gflops:.1} GFLOP/s",

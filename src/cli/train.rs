@@ -8,7 +8,7 @@ use crate::check::{Instance, Program};
 use crate::data::{self, Dataset, LabelColumn};
 use crate::diag::render::{self, SourceFile};
 use crate::runtime::checkpoint::{Checkpoint, Metadata};
-use crate::runtime::engine::Engine;
+use crate::runtime::engine::{default_threads, Engine, ExecutorKind};
 use crate::runtime::evaluate::{batch_tensor, evaluate};
 use crate::runtime::{self, Output, TrainError, TrainSetup};
 use clap::Args;
@@ -72,9 +72,8 @@ pub struct TrainArgs {
     /// Continue from a checkpoint written by an earlier run.
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// The executor that runs the kernels.
-    #[arg(long, value_enum, default_value_t = ExecutorArg::Reference)]
-    pub executor: ExecutorArg,
+    #[command(flatten)]
+    pub exec: ExecArgs,
     /// Print nothing but errors.
     #[arg(long)]
     pub quiet: bool,
@@ -85,9 +84,47 @@ pub struct TrainArgs {
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExecutorArg {
+    /// Kernels compiled with Cranelift, with wide-vector matrix products.
+    Jit,
     /// The reference executor: plain ndarray code, the definition of every
-    /// operator.
+    /// operator, and much slower.
     Reference,
+}
+
+/// How kernels run; shared by every command that runs a model.
+#[derive(Args, Clone, Copy)]
+pub struct ExecArgs {
+    /// The executor that runs the kernels.
+    #[arg(long, value_enum, default_value_t = ExecutorArg::Jit)]
+    pub executor: ExecutorArg,
+    /// Worker threads (default: one per core). Results are bit-identical
+    /// for the same thread count.
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl ExecArgs {
+    pub fn kind(&self) -> ExecutorKind {
+        match self.executor {
+            ExecutorArg::Jit => ExecutorKind::Jit,
+            ExecutorArg::Reference => ExecutorKind::Reference,
+        }
+    }
+
+    /// An engine for `graph` configured by these options.
+    ///
+    /// # Errors
+    /// When the worker threads cannot be started.
+    pub fn engine(
+        &self,
+        graph: crate::check::graph::Graph,
+        loss: crate::check::train::Loss,
+    ) -> Result<Engine, (u8, String)> {
+        Engine::new(graph, loss)
+            .with_executor(self.kind())
+            .with_threads(self.threads.unwrap_or_else(default_threads))
+            .map_err(|e| (exit::USAGE, e.to_string()))
+    }
 }
 
 #[derive(Args)]
@@ -103,6 +140,8 @@ pub struct EvalArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub exec: ExecArgs,
 }
 
 #[derive(Args)]
@@ -118,6 +157,8 @@ pub struct PredictArgs {
     /// CSV label column to skip: a 0-based index or a header name.
     #[arg(long)]
     pub label_column: Option<String>,
+    #[command(flatten)]
+    pub exec: ExecArgs,
 }
 
 fn label_column(arg: &Option<String>) -> LabelColumn {
@@ -244,7 +285,9 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
             std::process::exit(INTERRUPTED as i32);
         }
     });
-    let ExecutorArg::Reference = args.executor;
+    if args.exec.threads == Some(0) {
+        return Err(usage("--threads must be at least 1".into()));
+    }
     validate_numbers(&args).map_err(usage)?;
     prepare_checkpoint_dir(&args.checkpoint_dir).map_err(usage)?;
     let resume = match &args.resume {
@@ -326,6 +369,8 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
         output,
         resume,
         interrupt,
+        executor: args.exec.kind(),
+        threads: args.exec.threads.unwrap_or_else(default_threads),
     };
     match runtime::train(setup) {
         Ok(summary) => {
@@ -506,10 +551,10 @@ pub fn eval(args: EvalArgs) -> u8 {
             None => ("data", loaded.train),
         };
         let data = prepare(data, &restored.meta)?;
-        let mut engine = Engine::new(
+        let mut engine = args.exec.engine(
             restored.instance.graph.clone(),
             restored.instance.train.loss.clone(),
-        );
+        )?;
         let metrics = evaluate(
             &mut engine,
             &restored.weights,
@@ -589,10 +634,10 @@ pub fn predict(args: PredictArgs) -> u8 {
         }
         data.labels.iter_mut().for_each(|l| *l = 0);
         let data = prepare(data, &restored.meta)?;
-        let mut engine = Engine::new(
+        let mut engine = args.exec.engine(
             restored.instance.graph.clone(),
             restored.instance.train.loss.clone(),
-        );
+        )?;
         let mut out = String::from("row,class");
         for c in 0..restored.meta.classes {
             out += &format!(",p{c}");

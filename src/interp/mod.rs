@@ -7,7 +7,7 @@
 pub mod ops;
 pub mod optim;
 
-use crate::ir::{Graph, Init, Op, ValueId};
+use crate::ir::{Graph, Init, Node, Op, ValueId};
 use crate::rng;
 use ndarray::IxDyn;
 pub use ops::Tensor;
@@ -130,7 +130,6 @@ pub fn run(
     let labels = labels_of(graph, batch)?;
     let mut values: Vec<Tensor> = Vec::with_capacity(graph.nodes.len());
     for node in &graph.nodes {
-        let input = |i: usize| &values[node.inputs[i].index()];
         let shape = node.shape.as_slice();
         let value = match &node.op {
             Op::Input => {
@@ -145,59 +144,10 @@ pub fn run(
             Op::Labels => ops::vector(labels.iter().map(|&l| l as f32).collect()),
             Op::Param(i) => weights.params[*i].clone(),
             Op::State(i) => weights.states[*i].clone(),
-            Op::Dense => ops::dense(input(0), input(1), node.inputs.get(2).map(|_| input(2))),
-            Op::Conv2d(a) => ops::conv2d(
-                input(0),
-                input(1),
-                node.inputs.get(2).map(|_| input(2)),
-                a,
-                shape,
-            ),
-            Op::BatchMean => ops::batch_mean(input(0)),
-            Op::BatchVar => ops::batch_var(input(0), input(1)),
-            Op::BatchNorm { eps } => {
-                ops::batchnorm(input(0), input(1), input(2), input(3), input(4), *eps)
-            }
-            Op::RunningUpdate {
-                momentum,
-                correction,
-            } => ops::running_update(input(0), input(1), *momentum, *correction),
-            Op::Act(a) => ops::act(input(0), *a),
-            Op::Pool(a) => ops::pool(input(0), a, shape),
-            Op::GlobalAvgPool => ops::global_avgpool(input(0)),
-            Op::Reshape => ops::reshape(input(0), shape),
-            Op::DropoutMask { rate, stream } => ops::dropout_mask(shape, *rate, seed, *stream),
-            Op::Mul => input(0) * input(1),
-            Op::Add => input(0) + input(1),
-            Op::Concat => {
+            _ => {
                 let inputs: Vec<&Tensor> = node.inputs.iter().map(|i| &values[i.index()]).collect();
-                ops::concat(&inputs)
+                eval(node, &inputs, &labels, seed)
             }
-            Op::Slice { start, len } => ops::slice(input(0), *start, *len),
-            Op::Softmax => ops::softmax(input(0)),
-            Op::SoftmaxCrossEntropy { smoothing } => {
-                scalar(ops::softmax_cross_entropy(input(0), &labels, *smoothing))
-            }
-            Op::MeanSquaredError => scalar(ops::mean_squared_error(input(0), &labels)),
-            Op::DenseGradInput => ops::dense_grad_input(input(0), input(1)),
-            Op::DenseGradWeight => ops::dense_grad_weight(input(0), input(1)),
-            Op::BiasGrad => ops::bias_grad(input(0)),
-            Op::Conv2dGradInput(a) => ops::conv2d_grad_input(input(0), input(1), a, shape),
-            Op::Conv2dGradWeight(a) => ops::conv2d_grad_weight(input(0), input(1), a, shape),
-            Op::BatchNormGradInput { eps } => {
-                ops::batchnorm_grad_input(input(0), input(1), input(2), input(3), input(4), *eps)
-            }
-            Op::BatchNormGradGamma { eps } => {
-                ops::batchnorm_grad_gamma(input(0), input(1), input(2), input(3), *eps)
-            }
-            Op::ActGrad(a) => ops::act_grad(input(0), input(1), *a),
-            Op::PoolGrad(a) => ops::pool_grad(input(0), input(1), a),
-            Op::GlobalAvgPoolGrad => ops::global_avgpool_grad(input(0), shape),
-            Op::SoftmaxGrad => ops::softmax_grad(input(0), input(1)),
-            Op::SoftmaxCrossEntropyGrad { smoothing } => {
-                ops::softmax_cross_entropy_grad(input(0), &labels, *smoothing)
-            }
-            Op::MeanSquaredErrorGrad => ops::mean_squared_error_grad(input(0), &labels),
         };
         debug_assert_eq!(value.shape(), shape, "{} produced a wrong shape", node.name);
         // Operators read their inputs as row-major buffers; `concatenate`
@@ -212,12 +162,78 @@ pub fn run(
     Ok(Values(values))
 }
 
+/// Computes one non-source node from the values of its inputs. `labels`
+/// feed the loss operators and `seed` keys dropout masks.
+///
+/// # Panics
+/// On source operators (input, labels, parameters and states), which
+/// [`run`] supplies itself.
+pub fn eval(node: &Node, inputs: &[&Tensor], labels: &[usize], seed: u64) -> Tensor {
+    let input = |i: usize| inputs[i];
+    let shape = node.shape.as_slice();
+    match &node.op {
+        Op::Input | Op::Labels | Op::Param(_) | Op::State(_) => {
+            unreachable!("{} is a source", node.op.name())
+        }
+        Op::Dense => ops::dense(input(0), input(1), node.inputs.get(2).map(|_| input(2))),
+        Op::Conv2d(a) => ops::conv2d(
+            input(0),
+            input(1),
+            node.inputs.get(2).map(|_| input(2)),
+            a,
+            shape,
+        ),
+        Op::BatchMean => ops::batch_mean(input(0)),
+        Op::BatchVar => ops::batch_var(input(0), input(1)),
+        Op::BatchNorm { eps } => {
+            ops::batchnorm(input(0), input(1), input(2), input(3), input(4), *eps)
+        }
+        Op::RunningUpdate {
+            momentum,
+            correction,
+        } => ops::running_update(input(0), input(1), *momentum, *correction),
+        Op::Act(a) => ops::act(input(0), *a),
+        Op::Pool(a) => ops::pool(input(0), a, shape),
+        Op::GlobalAvgPool => ops::global_avgpool(input(0)),
+        Op::Reshape => ops::reshape(input(0), shape),
+        Op::DropoutMask { rate, stream } => ops::dropout_mask(shape, *rate, seed, *stream),
+        Op::Mul => input(0) * input(1),
+        Op::Add => input(0) + input(1),
+        Op::Concat => ops::concat(inputs),
+        Op::Slice { start, len } => ops::slice(input(0), *start, *len),
+        Op::Softmax => ops::softmax(input(0)),
+        Op::SoftmaxCrossEntropy { smoothing } => {
+            scalar(ops::softmax_cross_entropy(input(0), labels, *smoothing))
+        }
+        Op::MeanSquaredError => scalar(ops::mean_squared_error(input(0), labels)),
+        Op::DenseGradInput => ops::dense_grad_input(input(0), input(1)),
+        Op::DenseGradWeight => ops::dense_grad_weight(input(0), input(1)),
+        Op::BiasGrad => ops::bias_grad(input(0)),
+        Op::Conv2dGradInput(a) => ops::conv2d_grad_input(input(0), input(1), a, shape),
+        Op::Conv2dGradWeight(a) => ops::conv2d_grad_weight(input(0), input(1), a, shape),
+        Op::BatchNormGradInput { eps } => {
+            ops::batchnorm_grad_input(input(0), input(1), input(2), input(3), input(4), *eps)
+        }
+        Op::BatchNormGradGamma { eps } => {
+            ops::batchnorm_grad_gamma(input(0), input(1), input(2), input(3), *eps)
+        }
+        Op::ActGrad(a) => ops::act_grad(input(0), input(1), *a),
+        Op::PoolGrad(a) => ops::pool_grad(input(0), input(1), a),
+        Op::GlobalAvgPoolGrad => ops::global_avgpool_grad(input(0), shape),
+        Op::SoftmaxGrad => ops::softmax_grad(input(0), input(1)),
+        Op::SoftmaxCrossEntropyGrad { smoothing } => {
+            ops::softmax_cross_entropy_grad(input(0), labels, *smoothing)
+        }
+        Op::MeanSquaredErrorGrad => ops::mean_squared_error_grad(input(0), labels),
+    }
+}
+
 fn scalar(v: f32) -> Tensor {
     Tensor::from_elem(IxDyn(&[]), v)
 }
 
 /// Validates the labels against the graph's batch and class count.
-fn labels_of(graph: &Graph, batch: &Batch) -> Result<Vec<usize>, InterpError> {
+pub(crate) fn labels_of(graph: &Graph, batch: &Batch) -> Result<Vec<usize>, InterpError> {
     if graph.loss.is_none() {
         return Ok(Vec::new());
     }

@@ -72,29 +72,29 @@ fn for_each_run<'a>(t: &'a Tensor, mut f: impl FnMut(usize, &'a [f32])) {
 }
 
 /// Geometry of a convolution or pooling window over one image.
-struct Window {
-    h: usize,
-    w: usize,
-    oh: usize,
-    ow: usize,
-    kernel: usize,
-    stride: usize,
-    dilation: usize,
-    top: usize,
-    left: usize,
+pub(crate) struct Window {
+    pub h: usize,
+    pub w: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub dilation: usize,
+    pub top: usize,
+    pub left: usize,
 }
 
 impl Window {
     /// Returns the input cell that window offset `(ki, kj)` reads for output
     /// `(oy, ox)`, or `None` in the padding.
-    fn source(&self, oy: usize, ox: usize, ki: usize, kj: usize) -> Option<(usize, usize)> {
+    pub fn source(&self, oy: usize, ox: usize, ki: usize, kj: usize) -> Option<(usize, usize)> {
         let iy = (oy * self.stride + ki * self.dilation).checked_sub(self.top)?;
         let ix = (ox * self.stride + kj * self.dilation).checked_sub(self.left)?;
         (iy < self.h && ix < self.w).then_some((iy, ix))
     }
 }
 
-fn conv_window(x: &[usize], out: &[usize], a: &ConvAttrs) -> Window {
+pub(crate) fn conv_window(x: &[usize], out: &[usize], a: &ConvAttrs) -> Window {
     Window {
         h: x[2],
         w: x[3],
@@ -382,7 +382,7 @@ pub fn running_update(running: &Tensor, stat: &Tensor, momentum: f32, correction
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 
-fn act_value(act: Act, x: f32) -> f32 {
+pub fn act_value(act: Act, x: f32) -> f32 {
     match act {
         Act::Relu => x.max(0.0),
         Act::LeakyRelu(slope) => {
@@ -403,7 +403,7 @@ fn act_value(act: Act, x: f32) -> f32 {
 
 /// Computes the derivative of an activation at `x`. ReLU's derivative at 0 is 0, as
 /// in PyTorch.
-fn act_derivative(act: Act, x: f32) -> f32 {
+pub fn act_derivative(act: Act, x: f32) -> f32 {
     match act {
         Act::Relu => f32::from(x > 0.0),
         Act::LeakyRelu(slope) => {
@@ -442,7 +442,7 @@ pub fn act_grad(dy: &Tensor, x: &Tensor, a: Act) -> Tensor {
     dx
 }
 
-fn pool_window(x: &[usize], out: &[usize], a: &PoolAttrs) -> Window {
+pub(crate) fn pool_window(x: &[usize], out: &[usize], a: &PoolAttrs) -> Window {
     Window {
         h: x[2],
         w: x[3],

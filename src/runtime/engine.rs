@@ -1,13 +1,16 @@
 //! The executor behind training and prediction: lowers the model for each
 //! batch size it meets (the last batch of an epoch is usually smaller) and
-//! runs the graphs.
+//! runs the graphs, with the JIT's compiled programs or with the reference
+//! executor.
 
 use crate::check::graph::Graph as CheckedGraph;
 use crate::check::train::Loss;
 use crate::interp::optim::OptimizerState;
 use crate::interp::{self, Batch, InterpError, Tensor, Values, Weights};
 use crate::ir::{self, Graph, LowerError, Mode};
+use crate::jit::{self, Arena, JitError, Program};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -17,21 +20,44 @@ pub enum EngineError {
     Autodiff(#[from] crate::autodiff::AutodiffError),
     #[error(transparent)]
     Run(#[from] InterpError),
+    #[error(transparent)]
+    Jit(#[from] JitError),
+    #[error("cannot start {threads} worker threads: {reason}")]
+    Threads { threads: usize, reason: String },
 }
 
 /// The executor that runs the graphs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExecutorKind {
+    /// Compiled programs from [`crate::jit`].
+    Jit,
     /// The reference executor on ndarray.
     Reference,
 }
 
-/// Lowered graphs of one model, by mode and batch size.
+/// A compiled program and the memory of its runs.
+struct Compiled {
+    program: Arc<Program>,
+    arena: Arena,
+}
+
+/// Lowered graphs of one model, by mode and batch size, and their compiled
+/// programs.
 pub struct Engine {
     model: CheckedGraph,
     loss: Loss,
+    executor: ExecutorKind,
+    threads: usize,
+    pool: Option<rayon::ThreadPool>,
     train: HashMap<usize, Graph>,
     infer: HashMap<usize, Graph>,
+    compiled_train: HashMap<usize, Compiled>,
+    compiled_infer: HashMap<usize, Compiled>,
+}
+
+/// The number of threads a run uses unless told otherwise: every core.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// The result of one training step.
@@ -44,13 +70,87 @@ pub struct Step {
 }
 
 impl Engine {
+    /// An engine that runs compiled programs on every core.
     pub fn new(model: CheckedGraph, loss: Loss) -> Self {
         Engine {
             model,
             loss,
+            executor: ExecutorKind::Jit,
+            threads: 1,
+            pool: None,
             train: HashMap::new(),
             infer: HashMap::new(),
+            compiled_train: HashMap::new(),
+            compiled_infer: HashMap::new(),
         }
+        .with_threads(default_threads())
+        .expect("a pool of one thread per core")
+    }
+
+    /// Selects the executor.
+    pub fn with_executor(mut self, executor: ExecutorKind) -> Self {
+        self.executor = executor;
+        self
+    }
+
+    /// Runs kernels on `threads` threads. Results are the same for the same
+    /// thread count; a different count can change the rounding of sums.
+    ///
+    /// # Errors
+    /// When the threads cannot be started.
+    pub fn with_threads(mut self, threads: usize) -> Result<Self, EngineError> {
+        let threads = threads.max(1);
+        self.threads = threads;
+        self.pool = Some(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("kiln-worker-{i}"))
+                .build()
+                .map_err(|e| EngineError::Threads {
+                    threads,
+                    reason: e.to_string(),
+                })?,
+        );
+        Ok(self)
+    }
+
+    pub fn executor(&self) -> ExecutorKind {
+        self.executor
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Compiles (or takes from the process's cache) the training program for
+    /// `batch` samples.
+    ///
+    /// # Errors
+    /// When lowering, differentiation or compilation fails.
+    pub fn compiled_train(
+        &mut self,
+        batch: usize,
+        optimizer: &crate::check::train::Optimizer,
+    ) -> Result<Arc<Program>, EngineError> {
+        if !self.compiled_train.contains_key(&batch) {
+            let graph = self.train_graph(batch)?;
+            let program = jit::compile_cached(graph, Some(optimizer))?;
+            let arena = program.new_arena();
+            self.compiled_train
+                .insert(batch, Compiled { program, arena });
+        }
+        Ok(self.compiled_train[&batch].program.clone())
+    }
+
+    fn compiled_infer(&mut self, batch: usize) -> Result<&mut Compiled, EngineError> {
+        if !self.compiled_infer.contains_key(&batch) {
+            let graph = self.infer_graph(batch)?;
+            let program = jit::compile_cached(graph, None)?;
+            let arena = program.new_arena();
+            self.compiled_infer
+                .insert(batch, Compiled { program, arena });
+        }
+        Ok(self.compiled_infer.get_mut(&batch).expect("inserted"))
     }
 
     /// Returns the training graph for `batch` samples, lowering and
@@ -92,6 +192,9 @@ impl Engine {
         seed: u64,
     ) -> Result<Step, EngineError> {
         let batch = labels.len();
+        if self.executor == ExecutorKind::Jit {
+            return self.jit_train_step(weights, optimizer, input, labels, seed);
+        }
         let graph = self.train_graph(batch)?;
         let data = Batch {
             input,
@@ -120,6 +223,46 @@ impl Engine {
         })
     }
 
+    fn jit_train_step(
+        &mut self,
+        weights: &mut Weights,
+        optimizer: &mut OptimizerState,
+        input: &Tensor,
+        labels: &[usize],
+        seed: u64,
+    ) -> Result<Step, EngineError> {
+        let batch = labels.len();
+        self.compiled_train(batch, &optimizer.optimizer)?;
+        let threads = self.threads;
+        let pool = self.pool.as_ref().expect("a thread pool");
+        let compiled = self.compiled_train.get_mut(&batch).expect("compiled");
+        let (program, arena) = (&compiled.program, &mut compiled.arena);
+        pool.install(|| program.run(arena, weights, input, Some(labels), seed, threads))?;
+        let loss = program.loss(arena);
+        let graph = program.graph();
+        let logits = program.value(arena, graph.logits.expect("model output"));
+        if !loss.is_finite() {
+            // Naming the first non-finite value needs every intermediate
+            // value, which only the reference executor keeps.
+            let data = Batch {
+                input,
+                labels: Some(labels),
+            };
+            let values = interp::run(graph, weights, &data, seed)?;
+            return Ok(Step {
+                loss,
+                logits,
+                first_non_finite: first_non_finite(graph, weights, &values),
+            });
+        }
+        pool.install(|| program.apply_update(arena, weights, optimizer, threads));
+        Ok(Step {
+            loss,
+            logits,
+            first_non_finite: None,
+        })
+    }
+
     /// Runs the inference graph (running statistics, no dropout) on a batch.
     fn run_inference(
         &mut self,
@@ -140,6 +283,19 @@ impl Engine {
     /// # Errors
     /// When the batch does not fit the graph.
     pub fn predict(&mut self, weights: &Weights, input: &Tensor) -> Result<Tensor, EngineError> {
+        if self.executor == ExecutorKind::Jit {
+            let threads = self.threads;
+            let pool = self.pool.take().expect("a thread pool");
+            let compiled = self.compiled_infer(input.shape()[0]);
+            let result = compiled.and_then(|c| {
+                let (program, arena) = (&c.program, &mut c.arena);
+                pool.install(|| program.run(arena, weights, input, None, 0, threads))?;
+                let logits = program.graph().logits.expect("model output");
+                Ok(program.value(arena, logits))
+            });
+            self.pool = Some(pool);
+            return result;
+        }
         let (graph, values) = self.run_inference(weights, input)?;
         Ok(values.get(graph.logits.expect("model output")).clone())
     }

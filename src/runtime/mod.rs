@@ -23,7 +23,7 @@ use crate::data::{Dataset, Normalization};
 use crate::interp::optim::OptimizerState;
 use crate::interp::Weights;
 use checkpoint::{CallbackState, Checkpoint, CheckpointError, EpochRecord, Metadata};
-use engine::{Engine, EngineError};
+use engine::{Engine, EngineError, ExecutorKind};
 use evaluate::{batch_tensor, evaluate, Metrics};
 pub use progress::Output;
 use std::path::{Path, PathBuf};
@@ -72,6 +72,8 @@ pub struct TrainSetup {
     pub output: Output,
     pub resume: Option<(Checkpoint, PathBuf)>,
     pub interrupt: Arc<AtomicBool>,
+    pub executor: ExecutorKind,
+    pub threads: usize,
 }
 
 /// Outcome of a training run.
@@ -154,7 +156,9 @@ impl Run {
             normalization.apply(set);
         }
 
-        let mut engine = Engine::new(graph.clone(), config.loss.clone());
+        let mut engine = Engine::new(graph.clone(), config.loss.clone())
+            .with_executor(setup.executor)
+            .with_threads(setup.threads)?;
         let train_graph = engine
             .train_graph(config.batch_size.min(train.len()).max(1))?
             .clone();
