@@ -208,11 +208,10 @@ fn can_join(
     if &graph.nodes[i].shape != shape {
         return false;
     }
-    group.members.iter().all(|&m| {
-        readers[m]
-            .iter()
-            .all(|&r| r == i || r > i || group_of[r] == Some(g))
-    })
+    group
+        .members
+        .iter()
+        .all(|&m| readers[m].iter().all(|&r| r >= i || group_of[r] == Some(g)))
 }
 
 /// Members whose value some reader outside the group, or the caller, needs.

@@ -18,7 +18,10 @@ use cranelift_codegen::ir::{
     types, AbiParam, BlockArg, FuncRef, InstBuilder, MemFlagsData, Signature, Type, Value,
 };
 use cranelift_frontend::FunctionBuilder;
-use cranelift_module::{Linkage, Module};
+use cranelift_module::{Linkage, Module, ModuleError};
+
+/// Errors of code generation, boxed because Cranelift's are large.
+pub type CodegenResult<T> = Result<T, Box<ModuleError>>;
 use std::collections::HashMap;
 
 const LANES: i64 = 4;
@@ -292,13 +295,15 @@ fn import_calls(
     module: &mut dyn Module,
     b: &mut FunctionBuilder,
     names: &[&'static str],
-) -> Result<HashMap<&'static str, FuncRef>, cranelift_module::ModuleError> {
+) -> CodegenResult<HashMap<&'static str, FuncRef>> {
     let mut sig = module.make_signature();
     sig.params.push(AbiParam::new(types::F32));
     sig.returns.push(AbiParam::new(types::F32));
     let mut calls = HashMap::new();
     for &name in names {
-        let id = module.declare_function(name, Linkage::Import, &sig)?;
+        let id = module
+            .declare_function(name, Linkage::Import, &sig)
+            .map_err(Box::new)?;
         calls.insert(name, module.declare_func_in_func(id, b.func));
     }
     Ok(calls)
@@ -338,7 +343,7 @@ pub fn emit_elementwise(
     graph: &Graph,
     kernel: &Fused,
     layout: &ElementwiseLayout,
-) -> Result<(), cranelift_module::ModuleError> {
+) -> CodegenResult<()> {
     let calls = import_calls(module, b, &needed_calls(graph, kernel))?;
     let ptr = module.target_config().pointer_type();
     let entry = b.create_block();

@@ -268,7 +268,8 @@ impl Program {
             );
             let sig = codegen::elementwise_signature(&module);
             let id = define(&mut module, &name, sig, listing, &mut text, |m, b| {
-                codegen::emit_elementwise(m, b, graph, fused, &layout).map_err(JitError::from)
+                codegen::emit_elementwise(m, b, graph, fused, &layout)
+                    .map_err(|e| JitError::from(*e))
             })?;
             pending.push((Some((id, layout)), kernel.clone()));
         }
@@ -404,6 +405,7 @@ impl Program {
             // input is computed before it is read.
             unsafe { self.run_kernel(&ctx, kernel) };
         }
+
         Ok(())
     }
 
@@ -552,10 +554,7 @@ impl Program {
                 continue;
             }
             let at = self.offsets[node.index()] - params_start;
-            for k in 0..2 {
-                if !used[k] {
-                    continue;
-                }
+            for (k, _) in used.iter().enumerate().filter(|(_, used)| **used) {
                 let src = &arena.buffers[k][at..][..weights.params[p].len()];
                 let slot = &mut optimizer.buffers[p][k];
                 match slot {

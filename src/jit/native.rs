@@ -338,8 +338,14 @@ fn im2col(x: &[f32], c0: usize, cg: usize, win: &Window, cols: &mut [f32]) {
                     dst[..xs.start].fill(0.0);
                     dst[xs.end..].fill(0.0);
                     let line = &src[iy * win.w..][..win.w];
-                    for ox in xs.clone() {
-                        dst[ox] = line[ox * win.stride + kj * win.dilation - win.left];
+                    let first = xs.start * win.stride + kj * win.dilation - win.left;
+                    if win.stride == 1 {
+                        dst[xs.clone()].copy_from_slice(&line[first..][..xs.len()]);
+                    } else {
+                        let picked = line[first..].iter().step_by(win.stride);
+                        for (d, v) in dst[xs.clone()].iter_mut().zip(picked) {
+                            *d = *v;
+                        }
                     }
                 }
             }
@@ -361,10 +367,18 @@ fn col2im(cols: &[f32], dx: &mut [f32], c0: usize, cg: usize, win: &Window) {
                     let Some(iy) = iy.filter(|&iy| iy < win.h) else {
                         continue;
                     };
-                    let src = &row[oy * win.ow..][..win.ow];
+                    let src = &row[oy * win.ow..][xs.clone()];
                     let line = &mut dst[iy * win.w..][..win.w];
-                    for ox in xs.clone() {
-                        line[ox * win.stride + kj * win.dilation - win.left] += src[ox];
+                    let first = xs.start * win.stride + kj * win.dilation - win.left;
+                    if win.stride == 1 {
+                        for (d, v) in line[first..][..xs.len()].iter_mut().zip(src) {
+                            *d += v;
+                        }
+                    } else {
+                        let picked = line[first..].iter_mut().step_by(win.stride);
+                        for (d, v) in picked.zip(src) {
+                            *d += v;
+                        }
                     }
                 }
             }
@@ -599,6 +613,27 @@ unsafe fn pool(ctx: &Ctx, v: ValueId, x: ValueId, a: &PoolAttrs) {
     let xs = ctx.read(x);
     let y = Ptr(ctx.write(v).as_mut_ptr());
     let (plane, cells) = (win.h * win.w, win.oh * win.ow);
+    if a.kind == PoolKind::Max && tiles(&win) {
+        let k = win.kernel;
+        chunks(ctx.threads, x_shape[0] * x_shape[1], |_, planes| {
+            for p in planes {
+                let src = &xs[p * plane..][..plane];
+                // SAFETY: plane `p` of `y` belongs to this chunk alone.
+                let dst = std::slice::from_raw_parts_mut(y.get().add(p * cells), cells);
+                for (oy, out) in dst.chunks_exact_mut(win.ow).enumerate() {
+                    out.fill(f32::NEG_INFINITY);
+                    for line in src[oy * k * win.w..].chunks_exact(win.w).take(k) {
+                        for (o, window) in out.iter_mut().zip(line.chunks_exact(k)) {
+                            for v in window {
+                                *o = o.max(*v);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        return;
+    }
     chunks(ctx.threads, x_shape[0] * x_shape[1], |_, planes| {
         for p in planes {
             let src = &xs[p * plane..][..plane];
@@ -622,6 +657,16 @@ unsafe fn pool(ctx: &Ctx, v: ValueId, x: ValueId, a: &PoolAttrs) {
     });
 }
 
+/// Whether the windows tile the input exactly: no padding, no overlap,
+/// and every cell in some window.
+fn tiles(win: &Window) -> bool {
+    win.stride == win.kernel
+        && win.top == 0
+        && win.left == 0
+        && win.oh * win.kernel == win.h
+        && win.ow * win.kernel == win.w
+}
+
 /// Calls `f(cell)` for every input cell of window `(oy, ox)`, in row-major
 /// order.
 fn for_each_cell(win: &Window, oy: usize, ox: usize, mut f: impl FnMut(usize)) {
@@ -634,9 +679,36 @@ fn for_each_cell(win: &Window, oy: usize, ox: usize, mut f: impl FnMut(usize)) {
     }
 }
 
+/// Routes each window's gradient to its first maximum, for windows that
+/// tile the plane.
+fn max_tile_grad(win: &Window, src: &[f32], dy: &[f32], dx: &mut [f32]) {
+    let (k, w) = (win.kernel, win.w);
+    let band = k * w;
+    for ((src, dx), dy) in src
+        .chunks_exact(band)
+        .zip(dx.chunks_exact_mut(band))
+        .zip(dy.chunks_exact(win.ow))
+    {
+        for (ox, g) in dy.iter().enumerate() {
+            let mut best = ox * k;
+            let mut top = src[best];
+            for ki in 0..k {
+                let start = ki * w + ox * k;
+                for (cell, v) in src[start..start + k].iter().enumerate() {
+                    if *v > top {
+                        (best, top) = (start + cell, *v);
+                    }
+                }
+            }
+            dx[best] += g;
+        }
+    }
+}
+
 unsafe fn pool_grad(ctx: &Ctx, v: ValueId, dy: ValueId, x: ValueId, a: &PoolAttrs) {
     let x_shape = ctx.graph.shape(x);
     let win = pool_window(x_shape, ctx.graph.shape(dy), a);
+    let tiled = tiles(&win);
     let (xs, dys) = (ctx.read(x), ctx.read(dy));
     let dx = Ptr(ctx.write(v).as_mut_ptr());
     let (plane, cells) = (win.h * win.w, win.oh * win.ow);
@@ -646,6 +718,10 @@ unsafe fn pool_grad(ctx: &Ctx, v: ValueId, dy: ValueId, x: ValueId, a: &PoolAttr
             // SAFETY: plane `p` of `dx` belongs to this chunk alone.
             let dst = std::slice::from_raw_parts_mut(dx.get().add(p * plane), plane);
             dst.fill(0.0);
+            if a.kind == PoolKind::Max && tiled {
+                max_tile_grad(&win, src, &dys[p * cells..][..cells], dst);
+                continue;
+            }
             for oy in 0..win.oh {
                 for ox in 0..win.ow {
                     let g = dys[p * cells + oy * win.ow + ox];
@@ -674,6 +750,43 @@ unsafe fn pool_grad(ctx: &Ctx, v: ValueId, dy: ValueId, x: ValueId, a: &PoolAttr
     });
 }
 
+const LANES: usize = 16;
+
+/// Sums `f(v)` over a slice in sixteen interleaved lanes, which the
+/// compiler turns into vector additions, and adds the lanes at the end.
+/// Each slice is one image's plane of a channel (at most a few thousand
+/// values), so `f32` keeps about seven significant digits; callers add the
+/// planes in `f64`.
+fn lanes_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|v| f(*v)).sum();
+    for chunk in chunks {
+        for (lane, v) in lanes.iter_mut().zip(chunk) {
+            *lane += f(*v);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Sums `f(a, b)` over paired slices, as [`lanes_sum`] does.
+fn lanes_dot(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| f(*x, *y))
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((lane, x), y) in lanes.iter_mut().zip(x).zip(y) {
+            *lane += f(*x, *y);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// `(N, C, inner)` of a `[N, C, ...]` shape.
 fn planes(shape: &[usize]) -> (usize, usize, usize) {
     (shape[0], shape[1], shape[2..].iter().product())
@@ -696,12 +809,10 @@ pub unsafe fn batch_stats(ctx: &Ctx, mean: ValueId, var: ValueId) {
     chunks(ctx.threads, c, |_, channels| {
         for ch in channels {
             let runs = || (0..n).map(|i| &xs[(i * c + ch) * inner..][..inner]);
-            let sum: f64 = runs()
-                .map(|r| r.iter().map(|v| *v as f64).sum::<f64>())
-                .sum();
+            let sum: f64 = runs().map(|r| lanes_sum(r, |v| v) as f64).sum();
             let m = (sum / count) as f32;
             let squares: f64 = runs()
-                .map(|r| r.iter().map(|v| ((v - m) as f64).powi(2)).sum::<f64>())
+                .map(|r| lanes_sum(r, |v| (v - m) * (v - m)) as f64)
                 .sum();
             // SAFETY: channel `ch` belongs to this chunk alone.
             *means.get().add(ch) = m;
@@ -747,12 +858,8 @@ pub unsafe fn batchnorm_grad(
             for i in 0..n {
                 let at = (i * c + ch) * inner;
                 let (g, v) = (&dys[at..][..inner], &xs[at..][..inner]);
-                sum += g.iter().map(|g| *g as f64).sum::<f64>();
-                sum_xhat += g
-                    .iter()
-                    .zip(v)
-                    .map(|(g, v)| (g * (v - mu) * inv) as f64)
-                    .sum::<f64>();
+                sum += lanes_sum(g, |g| g) as f64;
+                sum_xhat += lanes_dot(g, v, |g, v| g * (v - mu) * inv) as f64;
             }
             // SAFETY: channel `ch` of every output belongs to this chunk.
             if let Some(p) = dgamma {
