@@ -16,3 +16,4 @@ pub mod jit;
 pub mod rng;
 pub mod runtime;
 pub mod syntax;
+pub mod tune;

@@ -1,16 +1,23 @@
-//! `kiln compile FILE --emit ir`: lowers a model at its default point and
-//! prints the IR.
+//! `kiln compile FILE --emit ir|clif|asm`: lowers a model at its default
+//! point and prints the IR, or compiles it and prints the Cranelift IR or
+//! the machine code of every generated kernel.
 
 use super::exit;
 use crate::check::{check_source, CheckReport, Instance};
 use crate::diag::render::{self, SourceFile};
 use crate::ir::{self, Mode};
+use crate::jit::{Listing, Program};
 use clap::ValueEnum;
 use std::path::Path;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Emit {
+    /// kiln's graph IR.
     Ir,
+    /// The Cranelift IR of each generated kernel.
+    Clif,
+    /// The machine code of each generated kernel, as Cranelift lists it.
+    Asm,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -20,11 +27,15 @@ pub enum GraphMode {
     Infer,
 }
 
-pub fn run(path: &Path, _emit: Emit, model: Option<&str>, batch: usize, mode: GraphMode) -> u8 {
+pub fn run(path: &Path, emit: Emit, model: Option<&str>, batch: usize, mode: GraphMode) -> u8 {
     let Some(instance) = load_instance(path, model) else {
         return exit::INVALID_MODEL;
     };
-    match compile_text(&instance, batch, mode) {
+    let text = match emit {
+        Emit::Ir => compile_text(&instance, batch, mode),
+        Emit::Clif | Emit::Asm => kernel_text(&instance, batch, mode, emit),
+    };
+    match text {
         Ok(text) => {
             print!("{text}");
             exit::OK
@@ -54,6 +65,41 @@ pub fn compile_text(instance: &Instance, batch: usize, mode: GraphMode) -> Resul
         crate::autodiff::differentiate(&mut graph).map_err(|e| e.to_string())?;
     }
     Ok(graph.to_string())
+}
+
+/// Compiles an instance with the JIT and renders each generated function's
+/// Cranelift IR or machine code.
+fn kernel_text(
+    instance: &Instance,
+    batch: usize,
+    mode: GraphMode,
+    emit: Emit,
+) -> Result<String, String> {
+    let loss = instance.train.loss.clone();
+    let (ir_mode, optimizer) = match mode {
+        GraphMode::Train => (Mode::Train { loss }, Some(&instance.train.optimizer)),
+        GraphMode::Eval => (Mode::Eval { loss }, None),
+        GraphMode::Infer => (Mode::Infer, None),
+    };
+    let training = optimizer.is_some();
+    let mut graph = ir::lower(&instance.graph, batch, ir_mode).map_err(|e| e.to_string())?;
+    if training {
+        crate::autodiff::differentiate(&mut graph).map_err(|e| e.to_string())?;
+    }
+    let listing = Listing {
+        clif: emit == Emit::Clif,
+        asm: emit == Emit::Asm,
+    };
+    let program = Program::compile(&graph, optimizer, listing).map_err(|e| e.to_string())?;
+    let mut out = format!(
+        "; {} kernels, compiled in {:.1} ms\n",
+        program.kernel_count(),
+        program.compile_time.as_secs_f64() * 1e3
+    );
+    for (name, text) in &program.listing {
+        out += &format!("\n; {name}\n{text}");
+    }
+    Ok(out)
 }
 
 /// Reads and checks a model file, printing diagnostics; returns the named

@@ -6,6 +6,7 @@ mod bench;
 mod check;
 mod compile;
 mod train;
+mod tune;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -45,12 +46,19 @@ enum Command {
     Predict(train::PredictArgs),
     /// Time training steps and inference of a model on random data.
     Bench(bench::BenchArgs),
+    /// Sweep a model's search space: sample, train, prune, and record every
+    /// trial in a study database.
+    Tune(Box<tune::TuneArgs>),
+    /// Show a study's trials and parameter importances, plot them, or
+    /// export the best trial as a model file.
+    Study(tune::StudyArgs),
     /// Compile a model at its default point and print an intermediate form.
     Compile {
         /// The `.model` file.
         file: PathBuf,
         /// The form to print: `ir`, the lowered graph (with its backward
-        /// operators in training mode).
+        /// operators in training mode); `clif`, the Cranelift IR of every
+        /// generated kernel; `asm`, their machine code.
         #[arg(long, value_enum, default_value_t = compile::Emit::Ir)]
         emit: compile::Emit,
         /// The model of the file to use; the first when omitted.
@@ -96,6 +104,8 @@ pub fn main() -> ExitCode {
         Command::Check { file, format } => check::run(&file, format),
         Command::Train(args) => train::train(*args),
         Command::Bench(args) => bench::run(args),
+        Command::Tune(args) => tune::tune(*args),
+        Command::Study(args) => tune::study(args),
         Command::Eval(args) => train::eval(args),
         Command::Predict(args) => train::predict(args),
         Command::Compile {

@@ -74,6 +74,10 @@ pub struct TrainArgs {
     pub resume: Option<PathBuf>,
     #[command(flatten)]
     pub exec: ExecArgs,
+    /// Also run the first N training steps (3 when N is omitted) on the
+    /// reference executor, and report the largest difference per tensor.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "3", value_name = "N")]
+    pub verify: Option<usize>,
     /// Print nothing but errors.
     #[arg(long)]
     pub quiet: bool,
@@ -161,7 +165,7 @@ pub struct PredictArgs {
     pub exec: ExecArgs,
 }
 
-fn label_column(arg: &Option<String>) -> LabelColumn {
+pub(crate) fn label_column(arg: &Option<String>) -> LabelColumn {
     match arg {
         None => LabelColumn::Last,
         Some(text) => match text.parse() {
@@ -371,6 +375,8 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
         interrupt,
         executor: args.exec.kind(),
         threads: args.exec.threads.unwrap_or_else(default_threads),
+        verify: args.verify.unwrap_or(0),
+        on_epoch: None,
     };
     match runtime::train(setup) {
         Ok(summary) => {

@@ -53,6 +53,53 @@ pub struct Engine {
     infer: HashMap<usize, Graph>,
     compiled_train: HashMap<usize, Compiled>,
     compiled_infer: HashMap<usize, Compiled>,
+    /// Training steps still to run on both executors and compare.
+    verify: usize,
+    verified: Option<VerifyReport>,
+}
+
+/// How far the JIT's result for one tensor is from the reference's.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TensorDiff {
+    pub name: String,
+    /// The largest absolute difference.
+    pub max_abs: f32,
+    /// `max_abs` over the reference's largest magnitude.
+    pub relative: f32,
+}
+
+/// The comparison of one training step run on both executors.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct VerifyReport {
+    /// The step, counted from 1.
+    pub step: u64,
+    pub tensors: Vec<TensorDiff>,
+}
+
+impl VerifyReport {
+    /// The tensor furthest from the reference, relatively.
+    pub fn worst(&self) -> Option<&TensorDiff> {
+        self.tensors
+            .iter()
+            .max_by(|a, b| a.relative.total_cmp(&b.relative))
+    }
+}
+
+fn diff(name: &str, actual: &Tensor, expected: &Tensor) -> TensorDiff {
+    let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let max_abs = actual
+        .iter()
+        .zip(expected.iter())
+        .fold(0f32, |m, (a, e)| m.max((a - e).abs()));
+    TensorDiff {
+        name: name.to_string(),
+        max_abs,
+        relative: if scale > 0.0 {
+            max_abs / scale
+        } else {
+            max_abs
+        },
+    }
 }
 
 /// The number of threads a run uses unless told otherwise: every core.
@@ -82,6 +129,8 @@ impl Engine {
             infer: HashMap::new(),
             compiled_train: HashMap::new(),
             compiled_infer: HashMap::new(),
+            verify: 0,
+            verified: None,
         }
         .with_threads(default_threads())
         .expect("a pool of one thread per core")
@@ -112,6 +161,18 @@ impl Engine {
                 })?,
         );
         Ok(self)
+    }
+
+    /// Runs the first `steps` training steps on the reference executor too,
+    /// from the same weights, and keeps a comparison of every result.
+    pub fn with_verify(mut self, steps: usize) -> Self {
+        self.verify = steps;
+        self
+    }
+
+    /// The comparison made by the last training step, when it was verified.
+    pub fn take_verify_report(&mut self) -> Option<VerifyReport> {
+        self.verified.take()
     }
 
     pub fn executor(&self) -> ExecutorKind {
@@ -193,7 +254,20 @@ impl Engine {
     ) -> Result<Step, EngineError> {
         let batch = labels.len();
         if self.executor == ExecutorKind::Jit {
-            return self.jit_train_step(weights, optimizer, input, labels, seed);
+            if self.verify == 0 {
+                return self.jit_train_step(weights, optimizer, input, labels, seed);
+            }
+            self.verify -= 1;
+            let (mut ref_weights, mut ref_optimizer) = (weights.clone(), optimizer.clone());
+            self.executor = ExecutorKind::Reference;
+            let reference =
+                self.train_step(&mut ref_weights, &mut ref_optimizer, input, labels, seed);
+            self.executor = ExecutorKind::Jit;
+            let reference = reference?;
+            let step = self.jit_train_step(weights, optimizer, input, labels, seed)?;
+            self.verified =
+                Some(self.compare(&step, weights, &reference, &ref_weights, optimizer.step));
+            return Ok(step);
         }
         let graph = self.train_graph(batch)?;
         let data = Batch {
@@ -221,6 +295,42 @@ impl Engine {
             logits,
             first_non_finite: None,
         })
+    }
+
+    /// Compares a JIT step's loss, logits, weights and running statistics
+    /// with the reference's.
+    fn compare(
+        &self,
+        step: &Step,
+        weights: &Weights,
+        reference: &Step,
+        ref_weights: &Weights,
+        number: u64,
+    ) -> VerifyReport {
+        let graph = self.compiled_train[&step.logits.shape()[0]].program.graph();
+        let scalar = |v: f32| Tensor::from_elem(ndarray::IxDyn(&[]), v);
+        let mut tensors = vec![
+            diff("loss", &scalar(step.loss), &scalar(reference.loss)),
+            diff("logits", &step.logits, &reference.logits),
+        ];
+        for (info, (a, e)) in graph
+            .params
+            .iter()
+            .zip(weights.params.iter().zip(&ref_weights.params))
+        {
+            tensors.push(diff(&info.name, a, e));
+        }
+        for (info, (a, e)) in graph
+            .states
+            .iter()
+            .zip(weights.states.iter().zip(&ref_weights.states))
+        {
+            tensors.push(diff(&info.name, a, e));
+        }
+        VerifyReport {
+            step: number,
+            tensors,
+        }
     }
 
     fn jit_train_step(

@@ -74,7 +74,15 @@ pub struct TrainSetup {
     pub interrupt: Arc<AtomicBool>,
     pub executor: ExecutorKind,
     pub threads: usize,
+    /// Training steps to also run on the reference executor and compare.
+    pub verify: usize,
+    /// Called after every epoch with its record; returning `false` stops
+    /// the run, as a sweep's pruner does.
+    pub on_epoch: Option<EpochHook>,
 }
+
+/// See [`TrainSetup::on_epoch`].
+pub type EpochHook = Box<dyn FnMut(&EpochRecord) -> bool + Send>;
 
 /// Outcome of a training run.
 #[derive(Debug)]
@@ -86,6 +94,8 @@ pub struct Summary {
     pub checkpoint: PathBuf,
     pub interrupted: bool,
     pub stopped_early: bool,
+    /// Whether [`TrainSetup::on_epoch`] stopped the run.
+    pub pruned: bool,
 }
 
 struct Run {
@@ -102,6 +112,7 @@ struct Run {
     test: Option<Dataset>,
     best_weights: Option<Weights>,
     events: Option<tensorboard::EventWriter>,
+    pruned: bool,
 }
 
 /// Trains a model.
@@ -123,6 +134,7 @@ pub fn train(setup: TrainSetup) -> Result<Summary, TrainError> {
         checkpoint: run.checkpoint_path("best"),
         interrupted,
         stopped_early,
+        pruned: run.pruned,
     };
     Ok(summary)
 }
@@ -158,6 +170,7 @@ impl Run {
 
         let mut engine = Engine::new(graph.clone(), config.loss.clone())
             .with_executor(setup.executor)
+            .with_verify(setup.verify)
             .with_threads(setup.threads)?;
         let train_graph = engine
             .train_graph(config.batch_size.min(train.len()).max(1))?
@@ -219,6 +232,7 @@ impl Run {
             test,
             best_weights: None,
             events,
+            pruned: false,
         };
         run.log_model_summary()?;
         Ok(run)
@@ -265,6 +279,12 @@ impl Run {
             if self.callbacks(&record)? {
                 return Ok((false, true));
             }
+            if let Some(hook) = self.setup.on_epoch.as_mut() {
+                if !hook(&record) {
+                    self.pruned = true;
+                    return Ok((false, true));
+                }
+            }
         }
         Ok((false, false))
     }
@@ -297,6 +317,9 @@ impl Run {
                 &labels,
                 self.meta.global_step,
             )?;
+            if let Some(report) = self.engine.take_verify_report() {
+                self.setup.output.verify(&report);
+            }
             if !out.loss.is_finite() {
                 return Err(TrainError::Diverged {
                     epoch: epoch + 1,

@@ -56,6 +56,34 @@ impl Output {
         }
     }
 
+    /// Reports a training step run on both executors: every tensor's
+    /// difference as a JSON record, or the five furthest on stderr.
+    pub fn verify(&self, report: &super::engine::VerifyReport) {
+        match self {
+            Output::Quiet => {}
+            Output::Json => {
+                let mut value = serde_json::to_value(report).unwrap_or_default();
+                value["event"] = "verify".into();
+                println!("{value}");
+            }
+            Output::Bar | Output::Lines => {
+                let mut tensors = report.tensors.clone();
+                tensors.sort_by(|a, b| b.relative.total_cmp(&a.relative));
+                eprintln!(
+                    "verify step {}: JIT against the reference, {} tensors, furthest first",
+                    report.step,
+                    tensors.len()
+                );
+                for t in tensors.iter().take(5) {
+                    eprintln!(
+                        "  {:<40} max |diff| {:.3e}  relative {:.3e}",
+                        t.name, t.max_abs, t.relative
+                    );
+                }
+            }
+        }
+    }
+
     pub fn warn(&self, message: &str) {
         if *self != Output::Quiet {
             eprintln!("warning: {message}");

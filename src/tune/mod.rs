@@ -1,0 +1,499 @@
+//! `kiln tune`: sweeps a model's declared search space.
+//!
+//! Workers (`--jobs`) repeat one loop: under the study lock, mark trials of
+//! dead workers as failed, pick the next point (a retry of such a trial, or
+//! a new sample), and claim a trial number for it in the database; then
+//! check the point statically, train it with a pruner watching every
+//! epoch, and record how it ended. A trial that fails never stops the
+//! sweep. The study aims at `--trials` finished trials (complete or
+//! pruned); failed and rejected trials do not count towards it.
+
+pub mod pruner;
+pub mod report;
+pub mod sampler;
+pub mod storage;
+
+use crate::check::space::{Point, Space};
+use crate::check::{Budget, Program};
+use crate::data::Dataset;
+use crate::runtime::checkpoint::EpochRecord;
+use crate::runtime::engine::ExecutorKind;
+use crate::runtime::Output;
+use crate::runtime::{self, TrainSetup};
+use pruner::Pruner;
+use sampler::{Direction, Draws, Observation, SamplerKind};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use storage::{NewTrial, Storage, StorageError, Trial, TrialEnd, TrialState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TuneError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Errors of trials that stopped without finishing (their worker died or
+/// the sweep was interrupted) start with this; such a trial is retried
+/// once.
+pub const UNFINISHED: &str = "unfinished: ";
+
+/// The metric a sweep optimises: the best value over a trial's epochs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    ValAccuracy,
+    ValLoss,
+}
+
+impl Metric {
+    pub fn direction(self) -> Direction {
+        match self {
+            Metric::ValAccuracy => Direction::Maximize,
+            Metric::ValLoss => Direction::Minimize,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::ValAccuracy => "val_accuracy",
+            Metric::ValLoss => "val_loss",
+        }
+    }
+
+    /// The metric in an epoch's record; the training metric when the run
+    /// has no validation split.
+    fn of(self, record: &EpochRecord) -> f64 {
+        match self {
+            Metric::ValAccuracy => record.val_accuracy.unwrap_or(record.accuracy),
+            Metric::ValLoss => record.val_loss.unwrap_or(record.loss),
+        }
+    }
+}
+
+pub struct TuneConfig {
+    /// Finished trials to reach.
+    pub trials: usize,
+    pub jobs: usize,
+    /// Threads per trial.
+    pub threads: usize,
+    pub sampler: SamplerKind,
+    pub pruner: Pruner,
+    pub seed: u64,
+    /// Overrides the model's `epochs`.
+    pub epochs: Option<usize>,
+    pub metric: Metric,
+    /// Per-trial wall-time limit.
+    pub timeout: Option<Duration>,
+    /// Checkpoints go to `trial_dir/trial-N`.
+    pub trial_dir: PathBuf,
+    pub val_split: f64,
+}
+
+/// The model being swept and its data.
+pub struct Problem {
+    pub program: Program,
+    pub model_name: String,
+    pub source: String,
+    pub space: Space,
+    pub budget: Budget,
+    pub train: Dataset,
+    pub test: Option<Dataset>,
+}
+
+/// What a sweep reports as it goes.
+pub enum Event<'a> {
+    /// A trial ended; `trials` is the whole study afterwards.
+    Finished {
+        trial: &'a Trial,
+        trials: &'a [Trial],
+    },
+    /// A line of information.
+    Note(String),
+}
+
+type Shared = Arc<Mutex<Box<dyn Storage>>>;
+
+/// The next trial a worker runs.
+struct Next {
+    trial: Trial,
+    point: Point,
+}
+
+/// Runs the sweep until the study has `config.trials` finished trials, the
+/// failures pass a limit, or `interrupt` is set. Returns the study's
+/// trials.
+///
+/// # Errors
+/// On storage errors; trial errors are recorded, not returned.
+pub fn run(
+    problem: &Problem,
+    config: &TuneConfig,
+    storage: Box<dyn Storage>,
+    interrupt: Arc<AtomicBool>,
+    events: &(dyn Fn(Event) + Sync),
+) -> Result<Vec<Trial>, TuneError> {
+    let shared: Shared = Arc::new(Mutex::new(storage));
+    let grid = match config.sampler {
+        SamplerKind::Grid => {
+            let mut points = sampler::grid(&problem.space, 1_000_000).ok_or_else(|| {
+                TuneError::Setup(
+                    "the grid sampler needs a discrete space: give every float range a `step`, or use --sampler tpe".into(),
+                )
+            })?;
+            sampler::shuffle(&mut points, config.seed);
+            points
+        }
+        _ => Vec::new(),
+    };
+    let errors: Mutex<Vec<TuneError>> = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..config.jobs.max(1) {
+            scope.spawn(|| {
+                if let Err(e) = worker(problem, config, &shared, &grid, &interrupt, events) {
+                    interrupt.store(true, Ordering::SeqCst);
+                    errors.lock().expect("errors lock").push(e);
+                }
+            });
+        }
+    });
+    if let Some(e) = errors.into_inner().expect("workers joined").pop() {
+        return Err(e);
+    }
+    let trials = shared.lock().expect("storage lock").trials()?;
+    Ok(trials)
+}
+
+fn worker(
+    problem: &Problem,
+    config: &TuneConfig,
+    shared: &Shared,
+    grid: &[Point],
+    interrupt: &Arc<AtomicBool>,
+    events: &(dyn Fn(Event) + Sync),
+) -> Result<(), TuneError> {
+    while !interrupt.load(Ordering::SeqCst) {
+        let Some(next) = claim_next(problem, config, shared, grid, events)? else {
+            return Ok(());
+        };
+        let end = run_trial(problem, config, shared, &next, interrupt);
+        let mut storage = shared.lock().expect("storage lock");
+        storage.finish(next.trial.id, &end)?;
+        let trials = storage.trials()?;
+        drop(storage);
+        if let Some(trial) = trials.iter().find(|t| t.id == next.trial.id) {
+            events(Event::Finished {
+                trial,
+                trials: &trials,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn finished(trials: &[Trial]) -> usize {
+    trials
+        .iter()
+        .filter(|t| matches!(t.state, TrialState::Complete | TrialState::Pruned))
+        .count()
+}
+
+/// Failed and rejected trials, not counting unfinished ones that are
+/// retried.
+fn failures(trials: &[Trial]) -> usize {
+    trials
+        .iter()
+        .filter(|t| match t.state {
+            TrialState::Rejected => true,
+            TrialState::Failed => !t.error.as_deref().unwrap_or("").starts_with(UNFINISHED),
+            _ => false,
+        })
+        .count()
+}
+
+/// Picks and claims the next trial, or returns `None` when the study has
+/// enough.
+fn claim_next(
+    problem: &Problem,
+    config: &TuneConfig,
+    shared: &Shared,
+    grid: &[Point],
+    events: &(dyn Fn(Event) + Sync),
+) -> Result<Option<Next>, TuneError> {
+    let max_failures = (2 * config.trials).max(10);
+    let target = config.trials;
+    let mut storage = shared.lock().expect("storage lock");
+    for dead in storage.reap_dead()? {
+        events(Event::Note(format!(
+            "trial {} was left running by a stopped process; marked failed",
+            dead.number
+        )));
+    }
+    let trials = storage.trials()?;
+    if failures(&trials) >= max_failures {
+        events(Event::Note(format!(
+            "stopping: {} trials failed or were rejected",
+            failures(&trials)
+        )));
+        return Ok(None);
+    }
+    let Some((params, retry_of)) = choose(problem, config, &trials, grid) else {
+        return Ok(None);
+    };
+    let limit = |trials: &[Trial]| {
+        let running = trials
+            .iter()
+            .filter(|t| t.state == TrialState::Running)
+            .count();
+        finished(trials) + running >= target
+    };
+    let claimed = storage.claim(
+        NewTrial {
+            params: sampler::format_point(&params),
+            retry_of,
+        },
+        &limit,
+    )?;
+    Ok(claimed.map(|trial| Next {
+        trial,
+        point: params,
+    }))
+}
+
+/// The next point: a retry of an unfinished trial, the next grid point, or
+/// a sample.
+fn choose(
+    problem: &Problem,
+    config: &TuneConfig,
+    trials: &[Trial],
+    grid: &[Point],
+) -> Option<(Point, Option<i64>)> {
+    let retried: Vec<i64> = trials.iter().filter_map(|t| t.retry_of).collect();
+    let retry = trials.iter().find(|t| {
+        t.state == TrialState::Failed
+            && t.retry_of.is_none()
+            && t.error.as_deref().unwrap_or("").starts_with(UNFINISHED)
+            && !retried.contains(&t.id)
+    });
+    if let Some(t) = retry {
+        if let Some(point) = sampler::parse_point(&problem.space, &t.params) {
+            return Some((point, Some(t.id)));
+        }
+    }
+    let number = trials.iter().map(|t| t.number + 1).max().unwrap_or(0) as u64;
+    let mut draws = Draws::new(config.seed, number);
+    let point = match config.sampler {
+        SamplerKind::Grid => {
+            let seen: Vec<&Vec<(String, String)>> = trials.iter().map(|t| &t.params).collect();
+            grid.iter()
+                .find(|p| !seen.contains(&&sampler::format_point(p)))?
+                .clone()
+        }
+        SamplerKind::Random => sampler::random_point(&problem.space, &mut draws),
+        SamplerKind::Tpe => {
+            let history: Vec<Observation> = trials
+                .iter()
+                .filter(|t| t.state == TrialState::Complete)
+                .filter_map(|t| {
+                    Some(Observation {
+                        point: sampler::parse_point(&problem.space, &t.params)?,
+                        value: t.value?,
+                    })
+                })
+                .collect();
+            sampler::tpe_point(
+                &problem.space,
+                &history,
+                config.metric.direction(),
+                &mut draws,
+            )
+        }
+    };
+    Some((problem.space.complete(point), None))
+}
+
+/// Checks, trains and judges one trial.
+fn run_trial(
+    problem: &Problem,
+    config: &TuneConfig,
+    shared: &Shared,
+    next: &Next,
+    interrupt: &Arc<AtomicBool>,
+) -> TrialEnd {
+    let rejected = |error: String| TrialEnd {
+        state: TrialState::Rejected,
+        value: None,
+        test_accuracy: None,
+        error: Some(error),
+        checkpoint: None,
+    };
+    let model = problem
+        .program
+        .model(&problem.model_name)
+        .expect("the checked model");
+    let mut instance = match problem
+        .program
+        .instantiate(model, &problem.space, &next.point)
+    {
+        Ok(instance) => instance,
+        Err(diagnostics) => {
+            let messages: Vec<String> = diagnostics.iter().map(|d| d.message.clone()).collect();
+            return rejected(format!(
+                "invalid at {}: {}",
+                next.point,
+                messages.join("; ")
+            ));
+        }
+    };
+    if let Some(violation) = problem.budget.violation(&instance.graph) {
+        return rejected(format!("over budget at {}: {violation}", next.point));
+    }
+    if let Some(epochs) = config.epochs {
+        instance.train.epochs = epochs;
+    }
+    train_trial(problem, config, shared, next, instance, interrupt)
+}
+
+fn train_trial(
+    problem: &Problem,
+    config: &TuneConfig,
+    shared: &Shared,
+    next: &Next,
+    instance: crate::check::Instance,
+    interrupt: &Arc<AtomicBool>,
+) -> TrialEnd {
+    let failed = |error: String| TrialEnd {
+        state: TrialState::Failed,
+        value: None,
+        test_accuracy: None,
+        error: Some(error),
+        checkpoint: None,
+    };
+    let checkpoint_dir = config
+        .trial_dir
+        .join(format!("trial-{}", next.trial.number));
+    if let Err(e) = std::fs::create_dir_all(&checkpoint_dir) {
+        return failed(format!("cannot create `{}`: {e}", checkpoint_dir.display()));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let watchdog = watchdog(
+        config.timeout,
+        interrupt.clone(),
+        stop.clone(),
+        timed_out.clone(),
+        done.clone(),
+    );
+
+    let setup = TrainSetup {
+        model_name: problem.model_name.clone(),
+        source: problem.source.clone(),
+        point: sampler::format_point(&next.point),
+        instance,
+        train: problem.train.clone(),
+        test: problem.test.clone(),
+        val_split: config.val_split,
+        limit: None,
+        checkpoint_dir: checkpoint_dir.clone(),
+        logdir: None,
+        log_every: 50,
+        output: Output::Quiet,
+        resume: None,
+        interrupt: stop,
+        executor: ExecutorKind::Jit,
+        threads: config.threads,
+        verify: 0,
+        on_epoch: Some(pruning_hook(config, shared.clone(), next.trial.id)),
+    };
+    let result = runtime::train(setup);
+    done.store(true, Ordering::SeqCst);
+    let _ = watchdog.join();
+
+    let summary = match result {
+        Ok(summary) => summary,
+        Err(e) => return failed(e.to_string()),
+    };
+    if summary.interrupted {
+        return if timed_out.load(Ordering::SeqCst) {
+            failed(format!(
+                "exceeded the time limit of {} s",
+                config.timeout.map_or(0, |t| t.as_secs())
+            ))
+        } else {
+            failed(format!("{UNFINISHED}the sweep was interrupted"))
+        };
+    }
+    let direction = config.metric.direction();
+    let best = summary
+        .history
+        .iter()
+        .map(|r| (config.metric.of(r), r.test_accuracy))
+        .reduce(|a, b| match direction {
+            Direction::Maximize if b.0 > a.0 => b,
+            Direction::Minimize if b.0 < a.0 => b,
+            _ => a,
+        });
+    TrialEnd {
+        state: if summary.pruned {
+            TrialState::Pruned
+        } else {
+            TrialState::Complete
+        },
+        value: best.map(|b| b.0),
+        test_accuracy: best.and_then(|b| b.1),
+        error: None,
+        checkpoint: Some(summary.checkpoint.display().to_string()),
+    }
+}
+
+/// Stops a trial (through its `stop` flag) when the sweep is interrupted or
+/// the trial passes its time limit.
+fn watchdog(
+    timeout: Option<Duration>,
+    interrupt: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    timed_out: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let started = Instant::now();
+    std::thread::spawn(move || {
+        while !done.load(Ordering::SeqCst) {
+            if interrupt.load(Ordering::SeqCst) {
+                stop.store(true, Ordering::SeqCst);
+            }
+            if timeout.is_some_and(|t| started.elapsed() > t) {
+                timed_out.store(true, Ordering::SeqCst);
+                stop.store(true, Ordering::SeqCst);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+}
+
+/// Records each epoch's metric and asks the pruner whether to go on.
+fn pruning_hook(config: &TuneConfig, shared: Shared, id: i64) -> runtime::EpochHook {
+    let (metric, pruner) = (config.metric, config.pruner);
+    let mut values: Vec<f64> = Vec::new();
+    Box::new(move |record: &EpochRecord| {
+        let value = metric.of(record);
+        values.push(value);
+        let Ok(mut storage) = shared.lock() else {
+            return true;
+        };
+        if let Err(e) = storage.report(id, record.epoch, value) {
+            tracing::warn!(trial = id, error = %e, "cannot record an epoch's value");
+        }
+        let Ok(trials) = storage.trials() else {
+            return true;
+        };
+        let others: Vec<Vec<f64>> = trials
+            .iter()
+            .filter(|t| t.id != id && t.state != TrialState::Failed)
+            .map(|t| t.epochs.clone())
+            .collect();
+        !pruner.should_prune(&values, &others, finished(&trials), metric.direction())
+    })
+}

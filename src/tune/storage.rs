@@ -1,0 +1,484 @@
+//! Study storage: trials, their hyperparameters, per-epoch values, results
+//! and states, in an SQLite database.
+//!
+//! Every write is its own transaction, so a killed process loses at most
+//! the trial it was running. The database runs in WAL mode, so readers
+//! (`kiln study`) never block a sweep. Trials are claimed inside
+//! `BEGIN IMMEDIATE` transactions, so two processes on the same study never
+//! take the same trial number. The [`Storage`] trait is the seam for other
+//! backends (a PostgreSQL server, for workers on many machines): the
+//! sweep uses nothing else.
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("cannot open study database `{path}`: {source}")]
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("study database error: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("corrupt study record: {0}")]
+    Corrupt(String),
+    #[error(
+        "`{path}` holds a study of model `{found}`, not `{expected}`; use another --study file"
+    )]
+    OtherModel {
+        path: String,
+        found: String,
+        expected: String,
+    },
+}
+
+/// A trial's life: `Running` until it ends as one of the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrialState {
+    Running,
+    Complete,
+    Pruned,
+    /// Diverged, errored, timed out, or its worker died.
+    Failed,
+    /// Shape check or budget failed; never trained.
+    Rejected,
+}
+
+impl TrialState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrialState::Running => "running",
+            TrialState::Complete => "complete",
+            TrialState::Pruned => "pruned",
+            TrialState::Failed => "failed",
+            TrialState::Rejected => "rejected",
+        }
+    }
+
+    fn parse(s: &str) -> Result<TrialState, StorageError> {
+        Ok(match s {
+            "running" => TrialState::Running,
+            "complete" => TrialState::Complete,
+            "pruned" => TrialState::Pruned,
+            "failed" => TrialState::Failed,
+            "rejected" => TrialState::Rejected,
+            other => return Err(StorageError::Corrupt(format!("unknown state `{other}`"))),
+        })
+    }
+}
+
+/// One trial as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Trial {
+    pub id: i64,
+    pub number: i64,
+    pub state: TrialState,
+    /// Hyperparameter values as source text, in declaration order.
+    pub params: Vec<(String, String)>,
+    /// The objective: the best validation metric over the trial's epochs.
+    pub value: Option<f64>,
+    /// Test accuracy at the epoch of `value`, when test data was given.
+    pub test_accuracy: Option<f64>,
+    /// The validation metric after each epoch.
+    pub epochs: Vec<f64>,
+    pub error: Option<String>,
+    pub checkpoint: Option<String>,
+    /// The trial this one repeats after its worker died.
+    pub retry_of: Option<i64>,
+    pub started: f64,
+    pub finished: Option<f64>,
+}
+
+impl Trial {
+    pub fn seconds(&self) -> Option<f64> {
+        self.finished.map(|f| f - self.started)
+    }
+}
+
+/// What a new trial needs.
+pub struct NewTrial {
+    pub params: Vec<(String, String)>,
+    pub retry_of: Option<i64>,
+}
+
+/// The operations a sweep performs on its study.
+pub trait Storage: Send {
+    /// Every trial of the study, by number.
+    fn trials(&mut self) -> Result<Vec<Trial>, StorageError>;
+    /// Inserts a running trial owned by this process with the next number,
+    /// unless `limit` says the study has enough finished or running
+    /// trials. Returns the new trial.
+    fn claim(
+        &mut self,
+        trial: NewTrial,
+        limit: &dyn Fn(&[Trial]) -> bool,
+    ) -> Result<Option<Trial>, StorageError>;
+    /// Records a trial's validation metric after an epoch.
+    fn report(&mut self, id: i64, epoch: usize, value: f64) -> Result<(), StorageError>;
+    /// Records how a trial ended.
+    fn finish(&mut self, id: i64, end: &TrialEnd) -> Result<(), StorageError>;
+    /// Marks running trials whose worker is gone as failed, and returns
+    /// them.
+    fn reap_dead(&mut self) -> Result<Vec<Trial>, StorageError>;
+}
+
+/// How a trial ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrialEnd {
+    pub state: TrialState,
+    pub value: Option<f64>,
+    pub test_accuracy: Option<f64>,
+    pub error: Option<String>,
+    pub checkpoint: Option<String>,
+}
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// `host:pid`, naming the process that runs a trial.
+fn owner() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}:{}", std::process::id())
+}
+
+/// Whether the process named by `owner` still runs. Owners on other hosts
+/// count as alive: only their own host can tell.
+fn owner_alive(owner: &str) -> bool {
+    let Some((host, pid)) = owner.rsplit_once(':') else {
+        return false;
+    };
+    let this = self::owner();
+    let this_host = this.rsplit_once(':').map_or("", |(h, _)| h);
+    if host != this_host {
+        return true;
+    }
+    let Ok(pid) = pid.parse::<i32>() else {
+        return false;
+    };
+    if pid as u32 == std::process::id() {
+        return true;
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// An SQLite study database.
+pub struct SqliteStorage {
+    conn: Connection,
+    study: i64,
+    owner: String,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS studies (
+    id INTEGER PRIMARY KEY,
+    model TEXT NOT NULL,
+    source TEXT NOT NULL,
+    source_sha256 TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS trials (
+    id INTEGER PRIMARY KEY,
+    study INTEGER NOT NULL REFERENCES studies(id),
+    number INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    params TEXT NOT NULL,
+    value REAL,
+    test_accuracy REAL,
+    error TEXT,
+    checkpoint TEXT,
+    owner TEXT NOT NULL,
+    retry_of INTEGER,
+    started REAL NOT NULL,
+    finished REAL,
+    UNIQUE (study, number)
+);
+CREATE TABLE IF NOT EXISTS trial_values (
+    trial INTEGER NOT NULL REFERENCES trials(id),
+    epoch INTEGER NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (trial, epoch)
+);
+";
+
+impl SqliteStorage {
+    /// Opens (creating if needed) the study of `model` in the database at
+    /// `path`.
+    ///
+    /// # Errors
+    /// When the file cannot be opened as an SQLite database, or holds a study
+    /// of another model.
+    pub fn open(
+        path: &Path,
+        model: &str,
+        source: &str,
+        metric: &str,
+    ) -> Result<SqliteStorage, StorageError> {
+        let source_sha256 = crate::runtime::checkpoint::sha256_hex(source);
+        let open_error = |source| StorageError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open_error)?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_error)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(SCHEMA).map_err(open_error)?;
+        let existing: Option<(i64, String)> = conn
+            .query_row(
+                "SELECT id, model FROM studies ORDER BY id LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let study = match existing {
+            Some((_, found)) if found != model => {
+                return Err(StorageError::OtherModel {
+                    path: path.display().to_string(),
+                    found,
+                    expected: model.to_string(),
+                })
+            }
+            Some((id, _)) => id,
+            None => {
+                conn.execute(
+                    "INSERT INTO studies (model, source, source_sha256, metric, created) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![model, source, source_sha256, metric, now()],
+                )?;
+                conn.last_insert_rowid()
+            }
+        };
+        Ok(SqliteStorage {
+            conn,
+            study,
+            owner: owner(),
+        })
+    }
+
+    /// Opens an existing study for reading.
+    ///
+    /// # Errors
+    /// When the file is missing or is not a study database.
+    pub fn open_existing(path: &Path) -> Result<SqliteStorage, StorageError> {
+        if !path.is_file() {
+            return Err(StorageError::Open {
+                path: path.display().to_string(),
+                source: rusqlite::Error::InvalidPath(path.to_path_buf()),
+            });
+        }
+        let conn = Connection::open(path).map_err(|source| StorageError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        let study: i64 = conn
+            .query_row("SELECT id FROM studies ORDER BY id LIMIT 1", [], |r| {
+                r.get(0)
+            })
+            .map_err(|source| StorageError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Ok(SqliteStorage {
+            conn,
+            study,
+            owner: owner(),
+        })
+    }
+
+    /// The studied model's name, its source text and the objective's
+    /// metric.
+    ///
+    /// # Errors
+    /// On database errors.
+    pub fn study_info(&self) -> Result<(String, String, String), StorageError> {
+        Ok(self.conn.query_row(
+            "SELECT model, source, metric FROM studies WHERE id = ?1",
+            [self.study],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?)
+    }
+
+    fn load_trials(conn: &Connection, study: i64) -> Result<Vec<Trial>, StorageError> {
+        let mut stmt = conn.prepare(
+            "SELECT id, number, state, params, value, test_accuracy, error, checkpoint, retry_of, started, finished
+             FROM trials WHERE study = ?1 ORDER BY number",
+        )?;
+        let rows = stmt.query_map([study], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<f64>>(4)?,
+                r.get::<_, Option<f64>>(5)?,
+                r.get::<_, Option<String>>(6)?,
+                r.get::<_, Option<String>>(7)?,
+                r.get::<_, Option<i64>>(8)?,
+                r.get::<_, f64>(9)?,
+                r.get::<_, Option<f64>>(10)?,
+            ))
+        })?;
+        let mut values =
+            conn.prepare("SELECT value FROM trial_values WHERE trial = ?1 ORDER BY epoch")?;
+        let mut trials = Vec::new();
+        for row in rows {
+            let (
+                id,
+                number,
+                state,
+                params,
+                value,
+                test,
+                error,
+                checkpoint,
+                retry_of,
+                started,
+                finished,
+            ) = row?;
+            let params: Vec<(String, String)> = serde_json::from_str(&params)
+                .map_err(|e| StorageError::Corrupt(format!("parameters of trial {number}: {e}")))?;
+            let epochs = values
+                .query_map([id], |r| r.get::<_, f64>(0))?
+                .collect::<Result<Vec<f64>, _>>()?;
+            trials.push(Trial {
+                id,
+                number,
+                state: TrialState::parse(&state)?,
+                params,
+                value,
+                test_accuracy: test,
+                epochs,
+                error,
+                checkpoint,
+                retry_of,
+                started,
+                finished,
+            });
+        }
+        Ok(trials)
+    }
+}
+
+impl Storage for SqliteStorage {
+    fn trials(&mut self) -> Result<Vec<Trial>, StorageError> {
+        Self::load_trials(&self.conn, self.study)
+    }
+
+    fn claim(
+        &mut self,
+        trial: NewTrial,
+        limit: &dyn Fn(&[Trial]) -> bool,
+    ) -> Result<Option<Trial>, StorageError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let trials = Self::load_trials(&tx, self.study)?;
+        if limit(&trials) {
+            return Ok(None);
+        }
+        let number = trials.iter().map(|t| t.number + 1).max().unwrap_or(0);
+        let params_json = serde_json::to_string(&trial.params)
+            .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        let started = now();
+        tx.execute(
+            "INSERT INTO trials (study, number, state, params, owner, retry_of, started)
+             VALUES (?1, ?2, 'running', ?3, ?4, ?5, ?6)",
+            params![
+                self.study,
+                number,
+                params_json,
+                self.owner,
+                trial.retry_of,
+                started
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok(Some(Trial {
+            id,
+            number,
+            state: TrialState::Running,
+            params: trial.params,
+            value: None,
+            test_accuracy: None,
+            epochs: Vec::new(),
+            error: None,
+            checkpoint: None,
+            retry_of: trial.retry_of,
+            started,
+            finished: None,
+        }))
+    }
+
+    fn report(&mut self, id: i64, epoch: usize, value: f64) -> Result<(), StorageError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO trial_values (trial, epoch, value) VALUES (?1, ?2, ?3)",
+            params![id, epoch as i64, value],
+        )?;
+        Ok(())
+    }
+
+    fn finish(&mut self, id: i64, end: &TrialEnd) -> Result<(), StorageError> {
+        self.conn.execute(
+            "UPDATE trials SET state = ?2, value = ?3, test_accuracy = ?4, error = ?5, checkpoint = ?6, finished = ?7
+             WHERE id = ?1",
+            params![
+                id,
+                end.state.as_str(),
+                end.value,
+                end.test_accuracy,
+                end.error,
+                end.checkpoint,
+                now()
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn reap_dead(&mut self) -> Result<Vec<Trial>, StorageError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut stmt =
+            tx.prepare("SELECT id, owner FROM trials WHERE study = ?1 AND state = 'running'")?;
+        let running: Vec<(i64, String)> = stmt
+            .query_map([self.study], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        drop(stmt);
+        let mut dead = Vec::new();
+        for (id, owner) in running {
+            if owner != self.owner && !owner_alive(&owner) {
+                tx.execute(
+                    "UPDATE trials SET state = 'failed', error = ?2, finished = ?3 WHERE id = ?1",
+                    params![
+                        id,
+                        format!(
+                            "{}its worker ({owner}) stopped before the trial finished",
+                            super::UNFINISHED
+                        ),
+                        now()
+                    ],
+                )?;
+                dead.push(id);
+            }
+        }
+        tx.commit()?;
+        let trials = Self::load_trials(&self.conn, self.study)?;
+        Ok(trials
+            .into_iter()
+            .filter(|t| dead.contains(&t.id))
+            .collect())
+    }
+}

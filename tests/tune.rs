@@ -1,0 +1,427 @@
+//! Sweeps: samplers on analytic objectives, the study database, and
+//! end-to-end `kiln tune` and `kiln study` runs on the digits data,
+//! including a sweep killed mid-trial and resumed.
+
+use kiln::check::check_source;
+use kiln::check::space::{Point, Space};
+use kiln::check::value::Value;
+use kiln::tune::sampler::{self, Direction, Draws, Observation};
+use kiln::tune::storage::{NewTrial, SqliteStorage, Storage, TrialEnd, TrialState};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn space_of(source: &str) -> Space {
+    let report = check_source(source);
+    assert!(!report.has_errors(), "{:?}", report.diagnostics);
+    report.models[0].space.clone()
+}
+
+/// A four-dimensional search space: a log-scaled rate, an integer, a
+/// categorical choice and a linear float.
+const MIXED: &str = "model m {
+  input x: [4]
+  search {
+    lr = float(1e-5, 1.0, log)
+    width = int(1, 100)
+    act = choice(relu, tanh, sigmoid, gelu)
+    drop = float(0.0, 0.5)
+  }
+  logits = dense(x, units = width) |> act |> dropout(rate = drop) |> dense(units = 2)
+  output logits: [2]
+  train {
+    optimizer = sgd(lr = lr)
+  }
+}
+";
+
+/// A bowl with its minimum 0 at lr = 1e-3, width = 70, act = tanh,
+/// drop = 0.2.
+fn objective(point: &Point) -> f64 {
+    let num = |name: &str| point.get(name).and_then(Value::as_f64).unwrap();
+    let lr = (num("lr").log10() + 3.0).powi(2) / 4.0;
+    let width = ((num("width") - 70.0) / 30.0).powi(2);
+    let act = match point.get("act") {
+        Some(Value::Word(w)) if w == "tanh" => 0.0,
+        _ => 1.0,
+    };
+    let drop = 4.0 * (num("drop") - 0.2).powi(2);
+    lr + width + act + drop
+}
+
+fn best_after(space: &Space, seed: u64, trials: u64, tpe: bool) -> f64 {
+    let mut history: Vec<Observation> = Vec::new();
+    for trial in 0..trials {
+        let mut draws = Draws::new(seed, trial);
+        let point = if tpe {
+            sampler::tpe_point(space, &history, Direction::Minimize, &mut draws)
+        } else {
+            sampler::random_point(space, &mut draws)
+        };
+        let value = objective(&point);
+        history.push(Observation { point, value });
+    }
+    history
+        .iter()
+        .map(|o| o.value)
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    0.5 * (values[values.len() / 2 - 1] + values[values.len() / 2])
+}
+
+#[test]
+fn tpe_beats_random_search() {
+    let space = space_of(MIXED);
+    let tpe: Vec<f64> = (0..20).map(|s| best_after(&space, s, 50, true)).collect();
+    let random: Vec<f64> = (0..20).map(|s| best_after(&space, s, 50, false)).collect();
+    let (tpe, random) = (median(tpe), median(random));
+    assert!(tpe < random, "median best: TPE {tpe}, random {random}");
+}
+
+#[test]
+fn samples_stay_in_their_domains() {
+    let space = space_of(MIXED);
+    let mut history = Vec::new();
+    for trial in 0..40 {
+        let point = sampler::tpe_point(
+            &space,
+            &history,
+            Direction::Minimize,
+            &mut Draws::new(3, trial),
+        );
+        for (name, value) in &point.0 {
+            let param = space.get(name).unwrap();
+            assert!(
+                param.domain.contains(value),
+                "{name} = {value} outside {}",
+                param.domain
+            );
+        }
+        let value = objective(&point);
+        history.push(Observation { point, value });
+    }
+}
+
+#[test]
+fn conditional_parameters_follow_their_condition() {
+    let source = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/models/fashion_search.model"
+    ))
+    .unwrap();
+    let space = space_of(&source);
+    let mut history = Vec::new();
+    for trial in 0..30 {
+        let point = sampler::tpe_point(
+            &space,
+            &history,
+            Direction::Maximize,
+            &mut Draws::new(1, trial),
+        );
+        let separable = point.get("cell") == Some(&Value::Block("separable".into()))
+            || point.get("cell").map(|v| v.to_string()) == Some("separable".into());
+        assert_eq!(point.get("expand").is_some(), separable, "{point}");
+        history.push(Observation {
+            value: trial as f64,
+            point,
+        });
+    }
+}
+
+#[test]
+fn grid_visits_each_point_once() {
+    let source = "model m {
+  input x: [4]
+  search {
+    a = choice(1, 2, 3)
+    b = int(1, 4, step = 3)
+    c = float(0.0, 0.2, step = 0.1) when a == 2
+  }
+  logits = dense(x, units = a + b) |> dense(units = 2)
+  output logits: [2]
+}
+";
+    let space = space_of(source);
+    let points = sampler::grid(&space, 1000).unwrap();
+    // a = 1 or 3: 2 values of b each; a = 2: 2 values of b and 3 of c.
+    assert_eq!(points.len(), 2 * 2 + 2 * 3);
+    let mut texts: Vec<String> = points.iter().map(|p| p.to_string()).collect();
+    texts.sort();
+    texts.dedup();
+    assert_eq!(texts.len(), points.len());
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-tune-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn storage_numbers_trials_and_reaps_dead_workers() {
+    let dir = temp_dir("storage");
+    let path = dir.join("s.study");
+    let mut storage = SqliteStorage::open(&path, "m", "model m {}", "val_accuracy").unwrap();
+    let never = |_: &[kiln::tune::storage::Trial]| false;
+    let first = storage
+        .claim(
+            NewTrial {
+                params: vec![("a".into(), "1".into())],
+                retry_of: None,
+            },
+            &never,
+        )
+        .unwrap()
+        .unwrap();
+    let second = storage
+        .claim(
+            NewTrial {
+                params: vec![("a".into(), "2".into())],
+                retry_of: None,
+            },
+            &never,
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!((first.number, second.number), (0, 1));
+    storage.report(first.id, 1, 0.5).unwrap();
+    storage
+        .finish(
+            first.id,
+            &TrialEnd {
+                state: TrialState::Complete,
+                value: Some(0.5),
+                test_accuracy: None,
+                error: None,
+                checkpoint: None,
+            },
+        )
+        .unwrap();
+    let always = |_: &[kiln::tune::storage::Trial]| true;
+    let refused = storage
+        .claim(
+            NewTrial {
+                params: vec![],
+                retry_of: None,
+            },
+            &always,
+        )
+        .unwrap();
+    assert!(refused.is_none());
+
+    // A trial owned by a process that no longer exists is reaped.
+    let conn = rusqlite_owner_update(&path, second.id);
+    drop(conn);
+    let dead = storage.reap_dead().unwrap();
+    assert_eq!(dead.len(), 1);
+    let trials = storage.trials().unwrap();
+    assert_eq!(trials[0].epochs, vec![0.5]);
+    assert_eq!(trials[1].state, TrialState::Failed);
+    assert!(trials[1]
+        .error
+        .as_deref()
+        .unwrap()
+        .starts_with(kiln::tune::UNFINISHED));
+}
+
+/// Gives trial `id` an owner process that cannot exist.
+fn rusqlite_owner_update(path: &Path, id: i64) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    conn.execute(
+        "UPDATE trials SET owner = ?1 WHERE id = ?2",
+        rusqlite::params![format!("{}:{}", host.trim(), i32::MAX), id],
+    )
+    .unwrap();
+    conn
+}
+
+/// A digits network with a small search space that trains in about a
+/// second per trial.
+const DIGITS_SEARCH: &str = "model digits_search {
+  input image: [1, 8, 8]
+  search {
+    width = choice(8, 16)
+    lr = float(0.01, 0.1, log)
+  }
+  x = conv(image, filters = width, kernel = 3, padding = same) |> relu |> maxpool(size = 2)
+  logits = flatten(x) |> dense(units = 10)
+  output logits: [10]
+  train {
+    optimizer = sgd(lr = lr, momentum = 0.9)
+    batch_size = 64
+    epochs = 3
+  }
+}
+";
+
+fn kiln(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("kiln runs")
+}
+
+fn digits() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv.gz").to_string()
+}
+
+fn trials_in(path: &Path) -> Vec<kiln::tune::storage::Trial> {
+    SqliteStorage::open_existing(path)
+        .unwrap()
+        .trials()
+        .unwrap()
+}
+
+#[test]
+fn tune_then_study_exports_a_valid_model() {
+    let dir = temp_dir("e2e");
+    std::fs::write(dir.join("m.model"), DIGITS_SEARCH).unwrap();
+    let data = digits();
+    let out = kiln(
+        &dir,
+        &[
+            "tune",
+            "m.model",
+            "--data",
+            &data,
+            "--trials",
+            "4",
+            "--sampler",
+            "random",
+            "--pruner",
+            "median",
+            "--jobs",
+            "2",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stderr}\n{stdout}");
+    assert!(stdout.contains("best: trial"), "{stdout}");
+    let trials = trials_in(&dir.join("digits_search.study"));
+    let finished = trials
+        .iter()
+        .filter(|t| matches!(t.state, TrialState::Complete | TrialState::Pruned))
+        .count();
+    assert_eq!(finished, 4, "{trials:#?}");
+    let best = trials.iter().filter_map(|t| t.value).fold(0.0, f64::max);
+    assert!(best > 0.8, "best validation accuracy {best}");
+
+    let out = kiln(
+        &dir,
+        &[
+            "study",
+            "digits_search.study",
+            "--export-best",
+            "best.model",
+            "--plots",
+            "plots",
+            "--json",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["trials"].as_array().unwrap().len(), trials.len());
+    assert!(dir.join("plots/history.svg").is_file());
+    let exported = std::fs::read_to_string(dir.join("best.model")).unwrap();
+    assert!(!exported.contains("float("), "{exported}");
+    let out = kiln(&dir, &["check", "best.model"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn killed_sweep_resumes_without_losing_trials() {
+    let dir = temp_dir("kill");
+    std::fs::write(dir.join("m.model"), DIGITS_SEARCH).unwrap();
+    let data = digits();
+    let args = [
+        "tune", "m.model", "--data", &data, "--trials", "5", "--pruner", "none", "--jobs", "1",
+        "--epochs", "4", "--study", "k.study",
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill once a trial is running after at least one has completed.
+    let study = dir.join("k.study");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the sweep never reached a second trial"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        if !study.is_file() {
+            continue;
+        }
+        let Ok(mut storage) = SqliteStorage::open_existing(&study) else {
+            continue;
+        };
+        let Ok(trials) = storage.trials() else {
+            continue;
+        };
+        let complete = trials
+            .iter()
+            .filter(|t| t.state == TrialState::Complete)
+            .count();
+        let running = trials
+            .iter()
+            .any(|t| t.state == TrialState::Running && !t.epochs.is_empty());
+        if complete >= 1 && running {
+            break;
+        }
+    }
+    let status = Command::new("kill")
+        .args(["-9", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _ = child.wait();
+
+    let out = kiln(&dir, &args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let trials = trials_in(&study);
+    let complete: Vec<_> = trials
+        .iter()
+        .filter(|t| t.state == TrialState::Complete)
+        .collect();
+    assert_eq!(complete.len(), 5, "{trials:#?}");
+    let killed: Vec<_> = trials
+        .iter()
+        .filter(|t| t.state == TrialState::Failed)
+        .collect();
+    assert_eq!(killed.len(), 1, "{trials:#?}");
+    let retry = trials
+        .iter()
+        .find(|t| t.retry_of == Some(killed[0].id))
+        .expect("a retry");
+    assert_eq!(retry.params, killed[0].params);
+    assert_eq!(retry.state, TrialState::Complete);
+    let mut numbers: Vec<i64> = trials.iter().map(|t| t.number).collect();
+    numbers.dedup();
+    assert_eq!(numbers.len(), trials.len(), "trial numbers repeat");
+}
