@@ -105,6 +105,9 @@ def macs(model, x):
 
 
 def measure(name, compiled, channels_last, steps, batch=128):
+    # Every variant compiles afresh; otherwise guards from earlier models
+    # pile up until dynamo's recompile limit silently falls back to eager.
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = build(name)
     x = torch.rand(batch, 1, 28, 28)

@@ -9,6 +9,7 @@ pub mod check;
 pub mod cli;
 pub mod data;
 pub mod diag;
+pub mod ensemble;
 pub mod fuse;
 pub mod interp;
 pub mod ir;

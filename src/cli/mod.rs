@@ -5,6 +5,8 @@
 mod bench;
 mod check;
 mod compile;
+mod ensemble;
+mod predictor;
 mod train;
 mod tune;
 
@@ -52,6 +54,9 @@ enum Command {
     /// Show a study's trials and parameter importances, plot them, or
     /// export the best trial as a model file.
     Study(tune::StudyArgs),
+    /// Pool several trained models into one predictor and report how much
+    /// pooling gains.
+    Ensemble(Box<ensemble::EnsembleArgs>),
     /// Compile a model at its default point and print an intermediate form.
     Compile {
         /// The `.model` file.
@@ -106,6 +111,7 @@ pub fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Tune(args) => tune::tune(*args),
         Command::Study(args) => tune::study(args),
+        Command::Ensemble(args) => ensemble::run(*args),
         Command::Eval(args) => train::eval(args),
         Command::Predict(args) => train::predict(args),
         Command::Compile {

@@ -1,6 +1,7 @@
 //! `kiln train`, `kiln eval` and `kiln predict`.
 
 use super::exit;
+use super::predictor::Predictor;
 use crate::check::space::Point;
 use crate::check::train::Optimizer;
 use crate::check::value::Value;
@@ -9,7 +10,7 @@ use crate::data::{self, Dataset, LabelColumn};
 use crate::diag::render::{self, SourceFile};
 use crate::runtime::checkpoint::{Checkpoint, Metadata};
 use crate::runtime::engine::{default_threads, Engine, ExecutorKind};
-use crate::runtime::evaluate::{batch_tensor, evaluate};
+use crate::runtime::evaluate::evaluate;
 use crate::runtime::{self, Output, TrainError, TrainSetup};
 use clap::Args;
 use std::io::IsTerminal;
@@ -167,7 +168,7 @@ pub struct PredictArgs {
 
 pub(crate) fn label_column(arg: &Option<String>) -> LabelColumn {
     match arg {
-        None => LabelColumn::Last,
+        None => LabelColumn::Auto,
         Some(text) => match text.parse() {
             Ok(i) => LabelColumn::Index(i),
             Err(_) => LabelColumn::Name(text.clone()),
@@ -195,7 +196,7 @@ type Assignments = Vec<(String, String)>;
 
 /// Checks a model file and instantiates one of its models at the point the
 /// assignments select; prints diagnostics on failure.
-fn instantiate(
+pub(crate) fn instantiate(
     source: &str,
     file_name: &str,
     model: Option<&str>,
@@ -377,6 +378,7 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
         threads: args.exec.threads.unwrap_or_else(default_threads),
         verify: args.verify.unwrap_or(0),
         on_epoch: None,
+        split_seed: None,
     };
     match runtime::train(setup) {
         Ok(summary) => {
@@ -516,22 +518,32 @@ fn print_summary(summary: &runtime::Summary, output: Output, dir: &Path) {
 
 /// A checkpoint with its model instantiated, its normalisation applied to
 /// `data`.
-struct Restored {
-    instance: Instance,
-    meta: Metadata,
-    weights: crate::interp::Weights,
+/// A trained model read back from a checkpoint.
+pub(crate) struct Restored {
+    pub instance: Instance,
+    pub meta: Metadata,
+    pub weights: crate::interp::Weights,
 }
 
-fn restore(path: &Path) -> Result<Restored, (u8, String)> {
+pub(crate) fn restore(path: &Path) -> Result<Restored, (u8, String)> {
     let checkpoint = Checkpoint::load(path).map_err(|e| (exit::USAGE, e.to_string()))?;
+    restore_checkpoint(checkpoint, &path.display().to_string())
+}
+
+/// Re-checks a checkpoint's model at its point and takes its weights;
+/// `origin` names the checkpoint in messages.
+pub(crate) fn restore_checkpoint(
+    checkpoint: Checkpoint,
+    origin: &str,
+) -> Result<Restored, (u8, String)> {
     let meta = checkpoint.meta.clone();
-    let name = format!("{} (in {})", meta.model, path.display());
+    let name = format!("{} (in {origin})", meta.model);
     let (_, instance, _) = instantiate(&meta.source, &name, Some(&meta.model), &meta.point)
         .map_err(|m| (exit::INVALID_MODEL, m))?;
     let graph = crate::ir::lower(&instance.graph, 1, crate::ir::Mode::Infer)
         .map_err(|e| (exit::INVALID_MODEL, e.to_string()))?;
     let weights = checkpoint
-        .weights(&graph, path)
+        .weights(&graph, Path::new(origin))
         .map_err(|e| (exit::USAGE, e.to_string()))?;
     Ok(Restored {
         instance,
@@ -548,6 +560,12 @@ fn prepare(mut data: Dataset, meta: &Metadata) -> Result<Dataset, (u8, String)> 
 }
 
 pub fn eval(args: EvalArgs) -> u8 {
+    if crate::ensemble::file::is_ensemble(&args.checkpoint) {
+        return eval_ensemble(&args).unwrap_or_else(|(status, message)| {
+            eprintln!("kiln: {message}");
+            status
+        });
+    }
     let result = (|| {
         let restored = restore(&args.checkpoint)?;
         let loaded = data::load(&args.data, &label_column(&args.label_column))
@@ -602,6 +620,50 @@ pub fn eval(args: EvalArgs) -> u8 {
     })
 }
 
+/// `kiln eval` of an ensemble file: the pooled predictions' loss (mean
+/// cross-entropy of the pooled probabilities), accuracy and confusion
+/// matrix.
+fn eval_ensemble(args: &EvalArgs) -> Result<u8, (u8, String)> {
+    let mut predictor = Predictor::open(&args.checkpoint, &args.exec)?;
+    let loaded = data::load(&args.data, &label_column(&args.label_column))
+        .map_err(|e| (exit::USAGE, e.to_string()))?;
+    let (split, data) = match loaded.test {
+        Some(test) => ("test split", test),
+        None => ("data", loaded.train),
+    };
+    let (probabilities, _) = predictor.predict(&data)?;
+    let loss = crate::ensemble::log_loss(&probabilities, &data.labels);
+    let mut metrics = crate::runtime::evaluate::Metrics::new(predictor.classes());
+    let scores = probabilities.mapv(|p| p.max(1e-7).ln()).into_dyn();
+    metrics.add(&scores, &data.labels, loss);
+    if args.json {
+        let value = serde_json::json!({
+            "samples": metrics.samples,
+            "members": predictor.members.len(),
+            "loss": metrics.loss(),
+            "accuracy": metrics.accuracy(),
+            "top5_accuracy": metrics.top5(),
+            "confusion": metrics.confusion,
+        });
+        println!("{value}");
+        return Ok(exit::OK);
+    }
+    println!(
+        "{} samples ({split} of {}), ensemble of {} members",
+        metrics.samples,
+        args.data.display(),
+        predictor.members.len()
+    );
+    println!("loss      {:.4}", metrics.loss());
+    println!("accuracy  {:.2}%", 100.0 * metrics.accuracy());
+    if let Some(top5) = metrics.top5() {
+        println!("top-5     {:.2}%", 100.0 * top5);
+    }
+    println!("confusion matrix (rows: true class, columns: predicted)");
+    print!("{}", confusion_table(&metrics.confusion));
+    Ok(exit::OK)
+}
+
 fn confusion_table(confusion: &[Vec<usize>]) -> String {
     let width = confusion
         .iter()
@@ -626,48 +688,45 @@ fn confusion_table(confusion: &[Vec<usize>]) -> String {
 
 pub fn predict(args: PredictArgs) -> u8 {
     let result = (|| {
-        let restored = restore(&args.checkpoint)?;
-        let needed: usize = restored.meta.input_shape.iter().product();
+        let mut predictor = Predictor::open(&args.checkpoint, &args.exec)?;
+        let needed: usize = predictor.input_shape().iter().product();
         let column = label_column(&args.label_column);
-        let mut data = data::load(&args.data, &column)
-            .map_err(|e| (exit::USAGE, e.to_string()))?
-            .train;
-        if data.features + 1 == needed && column == LabelColumn::Last {
-            // The file has no label column.
-            data = data::load(&args.data, &LabelColumn::None)
-                .map_err(|e| (exit::USAGE, e.to_string()))?
-                .train;
+        let mut data = match data::load(&args.data, &column) {
+            Ok(loaded) if loaded.train.features == needed => loaded.train,
+            // The file has no labels: a CSV file without a label column, or
+            // NumPy arrays of features only.
+            labeled => data::load_unlabeled(&args.data).map_err(|unlabeled| {
+                let message = match labeled {
+                    Err(e) => e.to_string(),
+                    Ok(_) => unlabeled.to_string(),
+                };
+                (exit::USAGE, message)
+            })?,
+        };
+        if data.features != needed {
+            return Err((
+                exit::USAGE,
+                format!(
+                    "{} has {} values per sample, but the model's input {:?} needs {needed}",
+                    data.source,
+                    data.features,
+                    predictor.input_shape()
+                ),
+            ));
         }
         data.labels.iter_mut().for_each(|l| *l = 0);
-        let data = prepare(data, &restored.meta)?;
-        let mut engine = args.exec.engine(
-            restored.instance.graph.clone(),
-            restored.instance.train.loss.clone(),
-        )?;
+        let (probabilities, classes) = predictor.predict(&data)?;
         let mut out = String::from("row,class");
-        for c in 0..restored.meta.classes {
+        for c in 0..predictor.classes() {
             out += &format!(",p{c}");
         }
         out.push('\n');
-        let indices: Vec<usize> = (0..data.len()).collect();
-        for chunk in indices.chunks(restored.meta.batch_size.max(1)) {
-            let x = batch_tensor(&data, chunk, &restored.meta.input_shape);
-            let logits = engine
-                .predict(&restored.weights, &x)
-                .map_err(|e| (exit::USAGE, e.to_string()))?;
-            let probabilities = crate::interp::ops::softmax(&logits);
-            for (&row, p) in chunk.iter().zip(probabilities.outer_iter()) {
-                let class = p
-                    .iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .map_or(0, |(c, _)| c);
-                out += &format!("{row},{class}");
-                for v in p {
-                    out += &format!(",{v:.6}");
-                }
-                out.push('\n');
+        for (row, (p, class)) in probabilities.outer_iter().zip(&classes).enumerate() {
+            out += &format!("{row},{class}");
+            for v in p {
+                out += &format!(",{v:.6}");
             }
+            out.push('\n');
         }
         let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
             (Ok(a), Ok(b)) => a == b,

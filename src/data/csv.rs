@@ -96,6 +96,10 @@ pub fn load(path: &Path, label: &LabelColumn) -> Result<Dataset, DataError> {
     })
 }
 
+/// Header names taken as the label column when `--label-column` is not
+/// given, compared without case.
+const LABEL_NAMES: [&str; 5] = ["label", "labels", "class", "target", "y"];
+
 fn resolve_label(
     path: &Path,
     label: &LabelColumn,
@@ -103,7 +107,15 @@ fn resolve_label(
     columns: usize,
 ) -> Result<usize, DataError> {
     let index = match label {
-        LabelColumn::Last | LabelColumn::None => columns - 1,
+        LabelColumn::Auto => header
+            .and_then(|names| {
+                names.iter().position(|h| {
+                    let h = h.to_lowercase();
+                    LABEL_NAMES.contains(&h.as_str())
+                })
+            })
+            .unwrap_or(columns - 1),
+        LabelColumn::None => columns - 1,
         LabelColumn::Index(i) => *i,
         LabelColumn::Name(name) => {
             let Some(header) = header else {

@@ -127,8 +127,10 @@ impl Dataset {
 /// Location of the label column in a CSV file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LabelColumn {
-    /// The last column (the default).
-    Last,
+    /// The default: the header column named `label`, `labels`, `class`,
+    /// `target` or `y` (in any case) when there is one, else the last
+    /// column.
+    Auto,
     /// No label column: every column is a feature (for prediction).
     None,
     Index(usize),
@@ -181,6 +183,32 @@ pub fn load(path: &Path, label: &LabelColumn) -> Result<Loaded, DataError> {
     Err(DataError::Unsupported {
         path: path.to_path_buf(),
         reason: "unknown format; expected IDX, CSV, .npy or .npz (optionally .gz), or a folder of IDX files".into(),
+    })
+}
+
+/// Loads features without labels, for prediction: a CSV file whose every
+/// column is a feature, a `.npy` array of samples along its first axis, or
+/// the `x` (else `x_test`) array of a `.npz` file. Labels are all 0.
+///
+/// # Errors
+/// Names the file and what is wrong with it.
+pub fn load_unlabeled(path: &Path) -> Result<Dataset, DataError> {
+    let name = path
+        .file_name()
+        .map_or(String::new(), |n| n.to_string_lossy().to_lowercase());
+    let stem = name.trim_end_matches(".gz");
+    if stem.ends_with(".npz") {
+        return npy::load_npz_features(path);
+    }
+    if stem.ends_with(".npy") {
+        return npy::load_npy_features(path);
+    }
+    if stem.ends_with(".csv") || stem.ends_with(".txt") {
+        return csv::load(path, &LabelColumn::None);
+    }
+    Err(DataError::Unsupported {
+        path: path.to_path_buf(),
+        reason: "unlabeled data must be CSV, .npy or .npz".into(),
     })
 }
 

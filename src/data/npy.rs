@@ -102,6 +102,68 @@ pub fn load_npz(path: &Path) -> Result<Loaded, DataError> {
     ))
 }
 
+/// Wraps an array of samples along its first axis, with no labels.
+fn features_only(path: &Path, x: ArrayD<f32>) -> Result<Dataset, DataError> {
+    let n = x.shape().first().copied().unwrap_or(0);
+    if n == 0 {
+        return Err(DataError::invalid(
+            path,
+            "NumPy",
+            "the array holds no samples",
+        ));
+    }
+    let zeros = ArrayD::zeros(IxDyn(&[n]));
+    dataset(path, x, zeros, "x")
+}
+
+/// Reads a `.npy` array of unlabeled samples (any number of axes).
+pub fn load_npy_features(path: &Path) -> Result<Dataset, DataError> {
+    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let x = ArrayD::<f32>::read_npy(file)
+        .or_else(|_| {
+            let file = std::fs::File::open(path).map_err(ndarray_npy::ReadNpyError::Io)?;
+            ArrayD::<f64>::read_npy(file).map(|a| a.mapv(|v| v as f32))
+        })
+        .or_else(|_| {
+            let file = std::fs::File::open(path).map_err(ndarray_npy::ReadNpyError::Io)?;
+            ArrayD::<u8>::read_npy(file).map(|a| a.mapv(|v| v as f32))
+        })
+        .map_err(|e| DataError::invalid(path, "NumPy .npy", e.to_string()))?;
+    features_only(path, x)
+}
+
+/// Reads the `x` (else `x_test`) array of a `.npz` file as unlabeled
+/// samples.
+pub fn load_npz_features(path: &Path) -> Result<Dataset, DataError> {
+    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut npz =
+        NpzReader::new(file).map_err(|e| DataError::invalid(path, "NumPy .npz", e.to_string()))?;
+    let names = npz
+        .names()
+        .map_err(|e| DataError::invalid(path, "NumPy .npz", e.to_string()))?;
+    let key = ["x", "x.npy", "x_test", "x_test.npy"]
+        .into_iter()
+        .find(|k| names.iter().any(|n| n == k))
+        .ok_or_else(|| {
+            DataError::invalid(
+                path,
+                "NumPy .npz",
+                format!(
+                    "expected an array `x` or `x_test`, found {}",
+                    names.join(", ")
+                ),
+            )
+        })?;
+    let x = read_any(&mut npz, key).ok_or_else(|| {
+        DataError::invalid(
+            path,
+            "NumPy .npz",
+            format!("array `{key}` has an unsupported type"),
+        )
+    })?;
+    features_only(path, x)
+}
+
 pub fn load_npy(path: &Path) -> Result<Dataset, DataError> {
     let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
     let matrix = ArrayD::<f32>::read_npy(file)

@@ -525,9 +525,17 @@ unsafe fn depthwise(ctx: &Ctx, v: ValueId, inputs: &[ValueId], a: &ConvAttrs) {
             for_each_tap(win, |ki, kj, oy, xs, iy| {
                 let t = taps[ki * a.kernel + kj];
                 let line = &src[iy * win.w..][..win.w];
-                let out = &mut dst[oy * win.ow..][..win.ow];
-                for ox in xs {
-                    out[ox] += t * line[ox * win.stride + kj * win.dilation - win.left];
+                let out = &mut dst[oy * win.ow..][xs.clone()];
+                let first = xs.start * win.stride + kj * win.dilation - win.left;
+                if win.stride == 1 {
+                    for (o, v) in out.iter_mut().zip(&line[first..first + xs.len()]) {
+                        *o += t * v;
+                    }
+                } else {
+                    let inputs = line[first..].iter().step_by(win.stride);
+                    for (o, v) in out.iter_mut().zip(inputs) {
+                        *o += t * v;
+                    }
                 }
             });
         }
@@ -566,9 +574,16 @@ unsafe fn depthwise_grad_input(ctx: &Ctx, v: ValueId, dy: ValueId, w: ValueId, a
             for_each_tap(win, |ki, kj, oy, xs, iy| {
                 let t = taps[ki * a.kernel + kj];
                 let line = &mut dst[iy * win.w..][..win.w];
-                let grads = &g[oy * win.ow..][..win.ow];
-                for ox in xs {
-                    line[ox * win.stride + kj * win.dilation - win.left] += t * grads[ox];
+                let grads = &g[oy * win.ow..][xs.clone()];
+                let first = xs.start * win.stride + kj * win.dilation - win.left;
+                if win.stride == 1 {
+                    for (d, g) in line[first..first + xs.len()].iter_mut().zip(grads) {
+                        *d += t * g;
+                    }
+                } else {
+                    for (d, g) in line[first..].iter_mut().step_by(win.stride).zip(grads) {
+                        *d += t * g;
+                    }
                 }
             });
         }
@@ -589,11 +604,14 @@ unsafe fn depthwise_grad_weight(ctx: &Ctx, v: ValueId, dy: ValueId, x: ValueId, 
                 let g = &dys[p * d.cells..][..d.cells];
                 for_each_tap(win, |ki, kj, oy, cols, iy| {
                     let line = &src[iy * win.w..][..win.w];
-                    let grads = &g[oy * win.ow..][..win.ow];
-                    let mut s = 0f32;
-                    for ox in cols {
-                        s += grads[ox] * line[ox * win.stride + kj * win.dilation - win.left];
-                    }
+                    let grads = &g[oy * win.ow..][cols.clone()];
+                    let first = cols.start * win.stride + kj * win.dilation - win.left;
+                    let s = if win.stride == 1 {
+                        lanes_dot(grads, &line[first..first + cols.len()], |g, v| g * v)
+                    } else {
+                        let inputs = line[first..].iter().step_by(win.stride);
+                        grads.iter().zip(inputs).map(|(g, v)| g * v).sum()
+                    };
                     sums[ki * a.kernel + kj] += s as f64;
                 });
             }

@@ -92,6 +92,9 @@ pub struct Metadata {
     pub batch_size: usize,
     pub epochs: usize,
     pub val_split: f64,
+    /// Seed of the validation split; the model's `seed` when absent.
+    #[serde(default)]
+    pub split_seed: Option<u64>,
     /// `--limit`: training used only the first this many samples.
     #[serde(default)]
     pub limit: Option<usize>,
@@ -200,6 +203,12 @@ pub fn write_atomic(
 }
 
 impl Checkpoint {
+    /// A checkpoint from its metadata and tensors by name, as an ensemble
+    /// file stores its members.
+    pub fn from_parts(meta: Metadata, tensors: HashMap<String, Tensor>) -> Checkpoint {
+        Checkpoint { meta, tensors }
+    }
+
     /// Reads a checkpoint file.
     ///
     /// # Errors

@@ -79,6 +79,10 @@ pub struct TrainSetup {
     /// Called after every epoch with its record; returning `false` stops
     /// the run, as a sweep's pruner does.
     pub on_epoch: Option<EpochHook>,
+    /// Seed of the validation split, when it should not follow the model's
+    /// seed: members of a seed ensemble share one split, so that their
+    /// validation predictions can be pooled.
+    pub split_seed: Option<u64>,
 }
 
 /// See [`TrainSetup::on_epoch`].
@@ -152,7 +156,11 @@ impl Run {
             test.check_fits(&shape, classes)?;
         }
 
-        let (mut train, mut val) = crate::data::split(&setup.train, setup.val_split, config.seed);
+        let split_seed = match &setup.resume {
+            Some((checkpoint, _)) => checkpoint.meta.split_seed.unwrap_or(checkpoint.meta.seed),
+            None => setup.split_seed.unwrap_or(config.seed),
+        };
+        let (mut train, mut val) = crate::data::split(&setup.train, setup.val_split, split_seed);
         let mut test = setup.test.clone();
         let normalization = match &setup.resume {
             Some((checkpoint, _)) => checkpoint.meta.normalization.clone(),
@@ -198,6 +206,7 @@ impl Run {
                     batch_size: config.batch_size,
                     epochs: config.epochs,
                     val_split: setup.val_split,
+                    split_seed: Some(split_seed),
                     limit: setup.limit,
                     normalization,
                     input_shape: shape.clone(),

@@ -407,6 +407,7 @@ fn train_trial(
         threads: config.threads,
         verify: 0,
         on_epoch: Some(pruning_hook(config, shared.clone(), next.trial.id)),
+        split_seed: None,
     };
     let result = runtime::train(setup);
     done.store(true, Ordering::SeqCst);

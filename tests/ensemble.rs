@@ -1,0 +1,272 @@
+//! End-to-end ensembles on the digits data: seed ensembles, ensembles of
+//! checkpoints, the ensemble file in `kiln eval` and `kiln predict`, and
+//! prediction on unlabeled NumPy and CSV files.
+
+use ndarray_npy::WriteNpyExt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn kiln(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("kiln runs")
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-ensemble-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn root(path: &str) -> String {
+    format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn ok(out: &Output) -> serde_json::Value {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// Rows of the digits CSV as (features, label).
+fn digits_rows() -> Vec<(Vec<f32>, usize)> {
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(root("data/digits.csv.gz")).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    text.lines()
+        .map(|line| {
+            let values: Vec<f32> = line.split(',').map(|v| v.trim().parse().unwrap()).collect();
+            let (label, features) = values.split_last().unwrap();
+            (features.to_vec(), *label as usize)
+        })
+        .collect()
+}
+
+#[test]
+fn seed_ensemble_reports_and_evaluates() {
+    let dir = temp_dir("seeds");
+    let report = ok(&kiln(
+        &dir,
+        &[
+            "ensemble",
+            &root("models/digits.model"),
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--seeds",
+            "3",
+            "--epochs",
+            "4",
+            "--json",
+        ],
+    ));
+    assert_eq!(report["members"].as_array().unwrap().len(), 3);
+    let val = &report["validation"];
+    assert_eq!(val["members"].as_array().unwrap().len(), 3);
+    assert_eq!(val["diversity"].as_array().unwrap().len(), 3, "three pairs");
+    let best = val["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["accuracy"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    let gain = val["gain"].as_f64().unwrap();
+    let pooled = val["ensemble"]["accuracy"].as_f64().unwrap();
+    assert!((pooled - best - gain).abs() < 1e-9);
+    assert!(pooled > 0.9, "ensemble validation accuracy {pooled}");
+
+    let eval = ok(&kiln(
+        &dir,
+        &[
+            "eval",
+            "ensemble.safetensors",
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--json",
+        ],
+    ));
+    assert_eq!(eval["members"], 3);
+    assert!(eval["accuracy"].as_f64().unwrap() > 0.9, "{eval}");
+    let out = kiln(
+        &dir,
+        &[
+            "predict",
+            "ensemble.safetensors",
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--out",
+            "p.csv",
+        ],
+    );
+    ok(&out);
+    let predictions = std::fs::read_to_string(dir.join("p.csv")).unwrap();
+    assert_eq!(predictions.lines().count(), digits_rows().len() + 1);
+}
+
+#[test]
+fn identical_members_neither_disagree_nor_gain() {
+    let dir = temp_dir("same");
+    ok(&kiln(
+        &dir,
+        &[
+            "train",
+            &root("models/digits.model"),
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--epochs",
+            "3",
+            "--quiet",
+        ],
+    ));
+    let ckpt = "checkpoints/best.safetensors";
+    let report = ok(&kiln(
+        &dir,
+        &[
+            "ensemble",
+            ckpt,
+            ckpt,
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--json",
+            "--rule",
+            "vote",
+        ],
+    ));
+    let val = &report["validation"];
+    assert_eq!(val["gain"].as_f64().unwrap(), 0.0);
+    assert_eq!(val["diversity"][0]["disagreement"].as_f64().unwrap(), 0.0);
+    assert_eq!(
+        val["members"][0]["accuracy"], val["ensemble"]["accuracy"],
+        "{val}"
+    );
+}
+
+#[test]
+fn predict_reads_unlabeled_numpy_and_csv() {
+    let dir = temp_dir("unlabeled");
+    ok(&kiln(
+        &dir,
+        &[
+            "train",
+            &root("models/digits.model"),
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--epochs",
+            "2",
+            "--quiet",
+        ],
+    ));
+    let rows = digits_rows();
+    let n = 50;
+    let x: Vec<f32> = rows[..n].iter().flat_map(|(f, _)| f.clone()).collect();
+    let images = ndarray::Array4::from_shape_vec((n, 1, 8, 8), x.clone()).unwrap();
+    images
+        .write_npy(std::fs::File::create(dir.join("x.npy")).unwrap())
+        .unwrap();
+    let mut npz = ndarray_npy::NpzWriter::new(std::fs::File::create(dir.join("x.npz")).unwrap());
+    npz.add_array("x", &images).unwrap();
+    npz.finish().unwrap();
+    let csv: String = rows[..n]
+        .iter()
+        .map(|(f, _)| {
+            f.iter()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+                + "\n"
+        })
+        .collect();
+    std::fs::write(dir.join("x.csv"), csv).unwrap();
+
+    let mut outputs = Vec::new();
+    for input in ["x.npy", "x.npz", "x.csv"] {
+        ok(&kiln(
+            &dir,
+            &[
+                "predict",
+                "checkpoints/best.safetensors",
+                "--data",
+                input,
+                "--out",
+                "p.csv",
+            ],
+        ));
+        let text = std::fs::read_to_string(dir.join("p.csv")).unwrap();
+        assert_eq!(text.lines().count(), n + 1, "{input}");
+        outputs.push(text);
+    }
+    assert_eq!(outputs[0], outputs[1], "npy and npz");
+    assert_eq!(outputs[0], outputs[2], "npy and csv");
+
+    let wrong = ndarray::Array2::<f32>::zeros((3, 10));
+    wrong
+        .write_npy(std::fs::File::create(dir.join("wrong.npy")).unwrap())
+        .unwrap();
+    let out = kiln(
+        &dir,
+        &[
+            "predict",
+            "checkpoints/best.safetensors",
+            "--data",
+            "wrong.npy",
+            "--out",
+            "p.csv",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("10 values per sample") && stderr.contains("needs 64"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn csv_label_column_is_found_by_name() {
+    let dir = temp_dir("csv");
+    let rows = digits_rows();
+    let header: Vec<String> = std::iter::once("Label".to_string())
+        .chain((0..64).map(|i| format!("p{i}")))
+        .collect();
+    let mut text = header.join(",") + "\n";
+    for (features, label) in &rows {
+        let values: Vec<String> = features.iter().map(|v| v.to_string()).collect();
+        text += &format!("{label},{}\n", values.join(","));
+    }
+    std::fs::write(dir.join("first.csv"), text).unwrap();
+    let out = kiln(
+        &dir,
+        &[
+            "train",
+            &root("models/digits.model"),
+            "--data",
+            "first.csv",
+            "--epochs",
+            "3",
+            "--json",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(r#""event":"epoch""#))
+        .next_back()
+        .unwrap()
+        .to_string();
+    let record: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert!(record["val_accuracy"].as_f64().unwrap() > 0.8, "{record}");
+}
