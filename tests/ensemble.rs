@@ -263,8 +263,7 @@ fn csv_label_column_is_found_by_name() {
     );
     let last = String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| l.contains(r#""event":"epoch""#))
-        .next_back()
+        .rfind(|l| l.contains(r#""event":"epoch""#))
         .unwrap()
         .to_string();
     let record: serde_json::Value = serde_json::from_str(&last).unwrap();
