@@ -107,6 +107,7 @@ unsafe impl Sync for Program {}
 pub struct Arena {
     data: Vec<f32>,
     buffers: [Vec<f32>; 2],
+    scratch: native::Scratch,
 }
 
 const NOT_STORED: usize = usize::MAX;
@@ -350,6 +351,7 @@ impl Program {
         Arena {
             data: vec![0.0; self.arena_len],
             buffers: [vec![0.0; self.params_len], vec![0.0; self.params_len]],
+            scratch: native::Scratch::default(),
         }
     }
 
@@ -398,6 +400,7 @@ impl Program {
             threads,
             labels: &labels,
             seed,
+            scratch: &arena.scratch,
         };
         for kernel in &self.kernels {
             // SAFETY: the arena was sized by `layout` for this graph, the

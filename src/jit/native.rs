@@ -35,6 +35,29 @@ impl Ptr {
     }
 }
 
+/// Scratch buffers that outlive a run, so that im2col matrices and partial
+/// sums do not cost a fresh allocation (and its page faults) every step.
+#[derive(Default)]
+pub struct Scratch(std::sync::Mutex<Vec<Vec<f32>>>);
+
+impl Scratch {
+    /// A buffer of `len` elements with unspecified contents.
+    pub fn take(&self, len: usize) -> Vec<f32> {
+        let mut pool = self.0.lock().expect("scratch lock");
+        let found = pool.iter().position(|b| b.capacity() >= len);
+        let mut buffer = match found {
+            Some(i) => pool.swap_remove(i),
+            None => Vec::with_capacity(len),
+        };
+        buffer.resize(len, 0.0);
+        buffer
+    }
+
+    pub fn give(&self, buffer: Vec<f32>) {
+        self.0.lock().expect("scratch lock").push(buffer);
+    }
+}
+
 /// The arena as the kernels of one run see it.
 pub struct Ctx<'a> {
     pub graph: &'a Graph,
@@ -44,6 +67,7 @@ pub struct Ctx<'a> {
     pub threads: usize,
     pub labels: &'a [usize],
     pub seed: u64,
+    pub scratch: &'a Scratch,
 }
 
 impl Ctx<'_> {
@@ -210,6 +234,14 @@ pub unsafe fn run_single(ctx: &Ctx, v: ValueId) {
                 depthwise_grad_weight(ctx, v, input(0), input(1), a);
             } else {
                 conv_grad_weight(ctx, v, input(0), input(1), a);
+            }
+        }
+        Op::DropoutMask { rate, stream } => {
+            // The reference's mask, written in place.
+            let keep = 1.0 / (1.0 - rate);
+            for (i, m) in ctx.write(v).iter_mut().enumerate() {
+                let u = crate::rng::uniform(ctx.seed, *stream as u64, i as u64);
+                *m = if u < *rate { 0.0 } else { keep };
             }
         }
         Op::Pool(a) => pool(ctx, v, input(0), a),
@@ -394,7 +426,9 @@ unsafe fn conv(ctx: &Ctx, v: ValueId, inputs: &[ValueId], a: &ConvAttrs) {
     let (cg, og) = (d.cin / d.groups, d.cout / d.groups);
     let x_image = d.cin * d.win.h * d.win.w;
     chunks(ctx.threads, d.images, |_, images| {
-        let mut cols = vec![0f32; if d.pointwise { 0 } else { d.rows * d.cells }];
+        let mut cols = ctx
+            .scratch
+            .take(if d.pointwise { 0 } else { d.rows * d.cells });
         for n in images {
             let x_n = &x[n * x_image..][..x_image];
             // SAFETY: image `n` of `y` belongs to this chunk alone.
@@ -423,6 +457,7 @@ unsafe fn conv(ctx: &Ctx, v: ValueId, inputs: &[ValueId], a: &ConvAttrs) {
                 );
             }
         }
+        ctx.scratch.give(cols);
     });
 }
 
@@ -433,7 +468,9 @@ unsafe fn conv_grad_input(ctx: &Ctx, v: ValueId, dy: ValueId, w: ValueId, a: &Co
     let (cg, og) = (d.cin / d.groups, d.cout / d.groups);
     let x_image = d.cin * d.win.h * d.win.w;
     chunks(ctx.threads, d.images, |_, images| {
-        let mut cols = vec![0f32; if d.pointwise { 0 } else { d.rows * d.cells }];
+        let mut cols = ctx
+            .scratch
+            .take(if d.pointwise { 0 } else { d.rows * d.cells });
         for n in images {
             // SAFETY: image `n` of `dx` belongs to this chunk alone.
             let dx_n = std::slice::from_raw_parts_mut(dx.get().add(n * x_image), x_image);
@@ -460,6 +497,7 @@ unsafe fn conv_grad_input(ctx: &Ctx, v: ValueId, dy: ValueId, w: ValueId, a: &Co
                 }
             }
         }
+        ctx.scratch.give(cols);
     });
 }
 
@@ -470,12 +508,20 @@ unsafe fn conv_grad_weight(ctx: &Ctx, v: ValueId, dy: ValueId, x: ValueId, a: &C
     let (cg, og) = (d.cin / d.groups, d.cout / d.groups);
     let x_image = d.cin * d.win.h * d.win.w;
     let threads = ctx.threads.clamp(1, d.images.max(1));
+    // Every chunk overwrites its partial sum with its first image's
+    // product, and chunks that get no image keep zeros.
     let partials: Vec<std::sync::Mutex<Vec<f32>>> = (0..threads)
-        .map(|_| std::sync::Mutex::new(vec![0f32; dw.len()]))
+        .map(|_| {
+            let mut buffer = ctx.scratch.take(dw.len());
+            buffer.fill(0.0);
+            std::sync::Mutex::new(buffer)
+        })
         .collect();
     chunks(threads, d.images, |t, images| {
         let mut partial = partials[t].lock().expect("one chunk per partial");
-        let mut cols = vec![0f32; if d.pointwise { 0 } else { d.rows * d.cells }];
+        let mut cols = ctx
+            .scratch
+            .take(if d.pointwise { 0 } else { d.rows * d.cells });
         let first = images.start;
         for n in images {
             let x_n = &xs[n * x_image..][..x_image];
@@ -496,12 +542,80 @@ unsafe fn conv_grad_weight(ctx: &Ctx, v: ValueId, dy: ValueId, x: ValueId, a: &C
                 );
             }
         }
+        ctx.scratch.give(cols);
     });
     dw.fill(0.0);
     for partial in partials {
         let partial = partial.into_inner().expect("chunks finished");
         for (o, p) in dw.iter_mut().zip(&partial) {
             *o += p;
+        }
+        ctx.scratch.give(partial);
+    }
+}
+
+/// Geometry of a stride-1 depthwise convolution computed on zero-padded
+/// planes, where every window lies inside the plane and each tap is a
+/// shifted row, so the inner loops are plain vector multiply-adds.
+struct Padded {
+    /// The padded plane's height and width.
+    ph: usize,
+    pw: usize,
+    /// Span of the kernel: `(K - 1) · dilation`.
+    span: usize,
+}
+
+impl Padded {
+    /// The padded layout, when the convolution has stride 1 and no more
+    /// padding than its span (true for `same` and `valid`).
+    fn of(win: &Window) -> Option<Padded> {
+        let span = (win.kernel - 1) * win.dilation;
+        (win.stride == 1 && win.top <= span && win.left <= span).then(|| Padded {
+            ph: win.oh + span,
+            pw: win.ow + span,
+            span,
+        })
+    }
+
+    /// Copies a `rows x cols` plane into `buffer` at `(top, left)`, zeros
+    /// elsewhere; rows and columns falling outside are cut.
+    fn fill(
+        &self,
+        plane: &[f32],
+        (rows, cols): (usize, usize),
+        (top, left): (isize, isize),
+        buffer: &mut [f32],
+    ) {
+        buffer.fill(0.0);
+        for r in 0..rows {
+            let pr = r as isize + top;
+            if pr < 0 || pr >= self.ph as isize {
+                continue;
+            }
+            let first = (-left).max(0) as usize;
+            let last = cols.min((self.pw as isize - left).max(0) as usize);
+            if first >= last {
+                continue;
+            }
+            let dst = &mut buffer[pr as usize * self.pw..][..self.pw];
+            let at = (first as isize + left) as usize;
+            dst[at..at + last - first].copy_from_slice(&plane[r * cols + first..r * cols + last]);
+        }
+    }
+}
+
+/// `out[oy, ·] += Σ taps · padded[oy + ki·d, kj·d + ·]` over a plane.
+fn correlate(padded: &[f32], geometry: &Padded, win: &Window, taps: &[f32], out: &mut [f32]) {
+    let (k, d, ow) = (win.kernel, win.dilation, win.ow);
+    for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
+        for ki in 0..k {
+            let line = &padded[(oy + ki * d) * geometry.pw..][..geometry.pw];
+            for kj in 0..k {
+                let t = taps[ki * k + kj];
+                for (o, v) in row.iter_mut().zip(&line[kj * d..kj * d + ow]) {
+                    *o += t * v;
+                }
+            }
         }
     }
 }
@@ -514,6 +628,22 @@ unsafe fn depthwise(ctx: &Ctx, v: ValueId, inputs: &[ValueId], a: &ConvAttrs) {
     let bias = inputs.get(2).map(|b| ctx.read(*b));
     let y = Ptr(ctx.write(v).as_mut_ptr());
     let (win, kk, plane) = (&d.win, a.kernel * a.kernel, d.win.h * d.win.w);
+    if let Some(geometry) = Padded::of(win) {
+        chunks(ctx.threads, d.images * d.cin, |_, planes| {
+            let mut buffer = ctx.scratch.take(geometry.ph * geometry.pw);
+            for p in planes {
+                let c = p % d.cin;
+                let at = (win.top as isize, win.left as isize);
+                geometry.fill(&x[p * plane..][..plane], (win.h, win.w), at, &mut buffer);
+                // SAFETY: plane `p` of `y` belongs to this chunk alone.
+                let dst = std::slice::from_raw_parts_mut(y.get().add(p * d.cells), d.cells);
+                dst.fill(bias.map_or(0.0, |b| b[c]));
+                correlate(&buffer, &geometry, win, &w[c * kk..][..kk], dst);
+            }
+            ctx.scratch.give(buffer);
+        });
+        return;
+    }
     chunks(ctx.threads, d.images * d.cin, |_, planes| {
         for p in planes {
             let c = p % d.cin;
@@ -563,6 +693,49 @@ unsafe fn depthwise_grad_input(ctx: &Ctx, v: ValueId, dy: ValueId, w: ValueId, a
     let (dys, ws) = (ctx.read(dy), ctx.read(w));
     let dx = Ptr(ctx.write(v).as_mut_ptr());
     let (win, kk, plane) = (&d.win, a.kernel * a.kernel, d.win.h * d.win.w);
+    if let Some(forward) = Padded::of(win) {
+        // The input gradient correlates the output gradient, padded so that
+        // every input cell's windows lie inside, with the flipped filter.
+        let geometry = Padded {
+            ph: win.h + forward.span,
+            pw: win.w + forward.span,
+            span: forward.span,
+        };
+        let flipped = Window {
+            h: win.oh,
+            w: win.ow,
+            oh: win.h,
+            ow: win.w,
+            kernel: win.kernel,
+            stride: 1,
+            dilation: win.dilation,
+            top: forward.span - win.top,
+            left: forward.span - win.left,
+        };
+        chunks(ctx.threads, d.images * d.cin, |_, planes| {
+            let mut buffer = ctx.scratch.take(geometry.ph * geometry.pw);
+            let mut taps = vec![0f32; kk];
+            for p in planes {
+                let c = p % d.cin;
+                for (t, v) in taps.iter_mut().zip(ws[c * kk..][..kk].iter().rev()) {
+                    *t = *v;
+                }
+                let at = (flipped.top as isize, flipped.left as isize);
+                geometry.fill(
+                    &dys[p * d.cells..][..d.cells],
+                    (win.oh, win.ow),
+                    at,
+                    &mut buffer,
+                );
+                // SAFETY: plane `p` of `dx` belongs to this chunk alone.
+                let dst = std::slice::from_raw_parts_mut(dx.get().add(p * plane), plane);
+                dst.fill(0.0);
+                correlate(&buffer, &geometry, &flipped, &taps, dst);
+            }
+            ctx.scratch.give(buffer);
+        });
+        return;
+    }
     chunks(ctx.threads, d.images * d.cin, |_, planes| {
         for p in planes {
             let c = p % d.cin;
@@ -595,6 +768,37 @@ unsafe fn depthwise_grad_weight(ctx: &Ctx, v: ValueId, dy: ValueId, x: ValueId, 
     let (dys, xs) = (ctx.read(dy), ctx.read(x));
     let dw = Ptr(ctx.write(v).as_mut_ptr());
     let (win, kk, plane) = (&d.win, a.kernel * a.kernel, d.win.h * d.win.w);
+    if let Some(geometry) = Padded::of(win) {
+        let (k, dil, ow) = (win.kernel, win.dilation, win.ow);
+        chunks(ctx.threads, d.cin, |_, channels| {
+            let mut buffer = ctx.scratch.take(geometry.ph * geometry.pw);
+            for c in channels {
+                let mut sums = vec![0f64; kk];
+                for n in 0..d.images {
+                    let p = n * d.cin + c;
+                    let at = (win.top as isize, win.left as isize);
+                    geometry.fill(&xs[p * plane..][..plane], (win.h, win.w), at, &mut buffer);
+                    let g = &dys[p * d.cells..][..d.cells];
+                    for (oy, grads) in g.chunks_exact(ow).enumerate() {
+                        for ki in 0..k {
+                            let line = &buffer[(oy + ki * dil) * geometry.pw..][..geometry.pw];
+                            for kj in 0..k {
+                                let s =
+                                    lanes_dot(grads, &line[kj * dil..kj * dil + ow], |g, v| g * v);
+                                sums[ki * k + kj] += s as f64;
+                            }
+                        }
+                    }
+                }
+                for (i, s) in sums.iter().enumerate() {
+                    // SAFETY: channel `c` of `dw` belongs to this chunk alone.
+                    *dw.get().add(c * kk + i) = *s as f32;
+                }
+            }
+            ctx.scratch.give(buffer);
+        });
+        return;
+    }
     chunks(ctx.threads, d.cin, |_, channels| {
         for c in channels {
             let mut sums = vec![0f64; kk];
