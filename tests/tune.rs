@@ -132,6 +132,26 @@ fn conditional_parameters_follow_their_condition() {
 }
 
 #[test]
+fn stepped_floats_print_as_written() {
+    let space = space_of(
+        "model m {
+  input x: [4]
+  search {
+    drop = float(0.0, 0.5, step = 0.1)
+  }
+  logits = dense(x, units = 2) |> dropout(rate = drop)
+  output logits: [2]
+}
+",
+    );
+    for trial in 0..50 {
+        let point = sampler::random_point(&space, &mut Draws::new(9, trial));
+        let text = point.get("drop").unwrap().to_string();
+        assert!(text.len() <= 3, "{text}");
+    }
+}
+
+#[test]
 fn grid_visits_each_point_once() {
     let source = "model m {
   input x: [4]

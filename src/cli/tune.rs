@@ -125,6 +125,10 @@ pub struct StudyArgs {
     pub plots: Option<PathBuf>,
 }
 
+/// Complete trials below which importances are not shown: with fewer,
+/// every parameter that differs between two trials explains everything.
+const MIN_IMPORTANCE_TRIALS: usize = 5;
+
 fn metric_of(name: &str) -> Metric {
     if name == Metric::ValLoss.name() {
         Metric::ValLoss
@@ -261,6 +265,7 @@ fn run_tune(args: TuneArgs) -> Result<u8, (u8, String)> {
         timeout: args.timeout.map(Duration::from_secs),
         trial_dir: trials_dir(&study_path),
         val_split: args.val_split,
+        limit: args.limit,
     };
     if !args.quiet {
         eprintln!(
@@ -415,15 +420,24 @@ fn run_study(args: StudyArgs) -> Result<u8, String> {
             "model": model,
             "metric": metric_name,
             "trials": order,
-            "importances": importances.iter().map(|(n, s)| serde_json::json!({"param": n, "share": s})).collect::<Vec<_>>(),
+            "importances": if count(&trials, TrialState::Complete) >= MIN_IMPORTANCE_TRIALS {
+                importances.iter().map(|(n, s)| serde_json::json!({"param": n, "share": s})).collect::<Vec<_>>()
+            } else {
+                Vec::new()
+            },
         });
         println!("{value}");
     } else {
         println!("study of `{model}`, objective {metric_name} (best over each trial's epochs)");
         print!("{}", report::table(&order, &metric_name));
-        println!("\nimportance (share of the objective's variance, one parameter at a time):");
-        for (name, share) in &importances {
-            println!("  {name:<20} {:>5.1}%", 100.0 * share);
+        let complete = count(&trials, TrialState::Complete);
+        if complete < MIN_IMPORTANCE_TRIALS {
+            println!("\nimportance: needs {MIN_IMPORTANCE_TRIALS} complete trials, the study has {complete}");
+        } else {
+            println!("\nimportance from {complete} complete trials (share of the objective's variance, one parameter at a time):");
+            for (name, share) in &importances {
+                println!("  {name:<20} {:>5.1}%", 100.0 * share);
+            }
         }
     }
     if let Some(dir) = &args.plots {

@@ -27,7 +27,7 @@ use std::collections::HashMap;
 const LANES: i64 = 4;
 
 /// Where a fused kernel's operands live: slot `k` of the pointer table that
-/// the kernel receives holds the base address of `slots[k]`.
+/// the kernel receives contains the base address of `slots[k]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ElementwiseLayout {
     pub slots: Vec<ValueId>,
@@ -71,7 +71,8 @@ pub fn layout(graph: &Graph, kernel: &Fused) -> ElementwiseLayout {
     }
 }
 
-/// The signature every fused kernel has: `(slots, row_start, row_end)`.
+/// Returns the signature of every fused kernel: `(slots, row_start,
+/// row_end)`.
 pub fn elementwise_signature(module: &dyn Module) -> Signature {
     let mut sig = module.make_signature();
     let ptr = module.target_config().pointer_type();
@@ -81,8 +82,8 @@ pub fn elementwise_signature(module: &dyn Module) -> Signature {
     sig
 }
 
-/// The signature of the update kernel: `(param, grad, buf0, buf1, len,
-/// scalars)`.
+/// Returns the signature of the update kernel: `(param, grad, buf0, buf1,
+/// len, scalars)`.
 pub fn update_signature(module: &dyn Module) -> Signature {
     let mut sig = module.make_signature();
     let ptr = module.target_config().pointer_type();

@@ -1,13 +1,14 @@
 //! The JIT: compiles a scheduled IR graph into a [`Program`] and runs it.
 //!
-//! Compilation lays every stored value out in one arena of `f32`s (the
-//! parameters first, then their gradients in the same order, so the
-//! optimizer update is one pass), generates a Cranelift function for each
-//! fused elementwise kernel and one for the optimizer update, and keeps the
-//! other kernels as calls into [`native`]. Programs are immutable and shared
-//! through a process-wide cache keyed by a hash of the graph, so a sweep
-//! compiles each distinct architecture and batch size once; the mutable
-//! state of a run lives in an [`Arena`].
+//! Compilation lays every stored value out in one arena of `f32`s. The
+//! parameters come first and their gradients next in the same order, so
+//! the optimizer update is one pass. It then generates a Cranelift function
+//! for each fused elementwise kernel and one for the optimizer update, and
+//! keeps the other kernels as calls into [`native`].
+//!
+//! Programs are immutable and shared through a process-wide cache keyed by
+//! a hash of the graph, so a sweep compiles each distinct architecture and
+//! batch size once. The mutable state of a run lives in an [`Arena`].
 
 pub mod codegen;
 pub mod native;
@@ -43,7 +44,7 @@ impl From<cranelift_module::ModuleError> for JitError {
     }
 }
 
-/// What to keep from compilation besides the program.
+/// Text to keep from compilation besides the program.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Listing {
     /// The Cranelift IR of every generated function.
@@ -460,7 +461,7 @@ impl Program {
                     .collect();
                 let work = e.layout.rows * e.layout.inner;
                 // Splitting small kernels costs more than it saves.
-                let threads = if work < 1 << 15 { 1 } else { ctx.threads };
+                let threads = if work < 1 << 16 { 1 } else { ctx.threads };
                 native::chunks(threads, e.layout.rows, |_, rows| {
                     (e.func)(
                         table.as_ptr() as *const *mut f32,
@@ -530,7 +531,7 @@ impl Program {
             Ptr(arena.buffers[1].as_mut_ptr()),
         ];
         for run in &self.update_runs {
-            let threads = if run.len < 1 << 15 { 1 } else { threads };
+            let threads = if run.len < 1 << 16 { 1 } else { threads };
             native::chunks(threads, run.len.div_ceil(16), |_, blocks| {
                 let start = blocks.start * 16;
                 let len = (blocks.end * 16).min(run.len) - start;

@@ -1,9 +1,10 @@
-//! Kernels that run as compiled Rust rather than generated code: matrix
-//! products through the `gemm` crate (whose AVX2 and AVX-512 kernels are
-//! two to four times faster than the 128-bit vectors Cranelift can emit),
-//! convolution as per-image im2col plus a matrix product, depthwise
-//! convolution, pooling and batch normalization's reductions as direct
-//! loops, and the rare operators through the reference executor.
+//! Kernels that run as compiled Rust rather than generated code. Matrix
+//! products go through the `gemm` crate, whose AVX2 and AVX-512 kernels
+//! are two to four times faster than the 128-bit vectors Cranelift can
+//! emit. Convolutions are per-image im2col plus a matrix product.
+//! Depthwise convolution, pooling and batch normalization's reductions are
+//! direct loops, and the rare operators run through the reference
+//! executor.
 //!
 //! Kernels work on the arena in place. Work is split over the batch (or
 //! over channels) into one fixed chunk per thread and partial sums are
@@ -88,8 +89,11 @@ impl Ctx<'_> {
         std::slice::from_raw_parts_mut(self.base.0.add(self.offsets[v.index()]), self.len(v))
     }
 
-    fn parallelism(&self) -> Parallelism {
-        if self.threads > 1 {
+    /// Threads for a matrix product of `macs` multiply-accumulates. On the
+    /// machine `docs/benchmarks.md` describes, mlp's products (26 million
+    /// MACs at most) ran faster on one thread than split over two.
+    fn parallelism(&self, macs: usize) -> Parallelism {
+        if self.threads > 1 && macs >= 1 << 25 {
             Parallelism::Rayon(self.threads)
         } else {
             Parallelism::None
@@ -198,7 +202,7 @@ pub unsafe fn run_single(ctx: &Ctx, v: ValueId) {
                 false,
                 rows(ctx.read(input(0)).as_ptr(), u),
                 rows(ctx.read(input(1)).as_ptr(), f),
-                ctx.parallelism(),
+                ctx.parallelism(n * f * u),
             );
         }
         Op::DenseGradWeight => {
@@ -210,7 +214,7 @@ pub unsafe fn run_single(ctx: &Ctx, v: ValueId) {
                 false,
                 transposed(ctx.read(input(0)).as_ptr(), u),
                 rows(ctx.read(input(1)).as_ptr(), f),
-                ctx.parallelism(),
+                ctx.parallelism(n * f * u),
             );
         }
         Op::Conv2d(a) => {
@@ -301,7 +305,7 @@ unsafe fn dense(ctx: &Ctx, v: ValueId, x: ValueId, w: ValueId, b: Option<ValueId
         b.is_some(),
         rows(ctx.read(x).as_ptr(), f),
         transposed(ctx.read(w).as_ptr(), f),
-        ctx.parallelism(),
+        ctx.parallelism(n * u * f),
     );
 }
 

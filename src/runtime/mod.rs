@@ -288,8 +288,10 @@ impl Run {
             if self.callbacks(&record)? {
                 return Ok((false, true));
             }
+            // A run that has finished its last epoch is complete, whatever
+            // the hook says about going on.
             if let Some(hook) = self.setup.on_epoch.as_mut() {
-                if !hook(&record) {
+                if !hook(&record) && self.meta.epoch < epochs {
                     self.pruned = true;
                     return Ok((false, true));
                 }

@@ -1,11 +1,11 @@
 //! `kiln tune`: sweeps a model's declared search space.
 //!
-//! Workers (`--jobs`) repeat one loop: under the study lock, mark trials of
-//! dead workers as failed, pick the next point (a retry of such a trial, or
-//! a new sample), and claim a trial number for it in the database; then
-//! check the point statically, train it with a pruner watching every
-//! epoch, and record how it ended. A trial that fails never stops the
-//! sweep. The study aims at `--trials` finished trials (complete or
+//! Workers (`--jobs`) repeat one loop. Under the study lock, a worker marks
+//! trials of dead workers as failed, picks the next point (a retry of such
+//! a trial, or a new sample) and claims a trial number for it in the
+//! database. It then checks the point statically, trains it with a pruner
+//! watching every epoch, and records how it ended. A trial that fails never
+//! stops the sweep. The study aims at `--trials` finished trials (complete or
 //! pruned); failed and rejected trials do not count towards it.
 
 pub mod pruner;
@@ -63,8 +63,8 @@ impl Metric {
         }
     }
 
-    /// The metric in an epoch's record; the training metric when the run
-    /// has no validation split.
+    /// Reads the metric from an epoch's record, or the training metric when
+    /// the run has no validation split.
     fn of(self, record: &EpochRecord) -> f64 {
         match self {
             Metric::ValAccuracy => record.val_accuracy.unwrap_or(record.accuracy),
@@ -90,6 +90,10 @@ pub struct TuneConfig {
     /// Checkpoints go to `trial_dir/trial-N`.
     pub trial_dir: PathBuf,
     pub val_split: f64,
+    /// `--limit`: the data holds only the first this many training
+    /// samples. Checkpoints record it, so the validation split can be
+    /// rebuilt from the full file.
+    pub limit: Option<usize>,
 }
 
 /// The model being swept and its data.
@@ -396,7 +400,7 @@ fn train_trial(
         train: problem.train.clone(),
         test: problem.test.clone(),
         val_split: config.val_split,
-        limit: None,
+        limit: config.limit,
         checkpoint_dir: checkpoint_dir.clone(),
         logdir: None,
         log_every: 50,

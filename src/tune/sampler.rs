@@ -134,12 +134,20 @@ fn snap(domain: &Domain, internal: f64, numeric: Numeric) -> Value {
         } => match step {
             Some(step) => {
                 let k = ((x - low) / step).round().max(0.0);
-                Value::Float((low + k * step).clamp(low, high))
+                Value::Float(round_to_grid((low + k * step).clamp(low, high), step))
             }
             None => Value::Float(x.clamp(low, high)),
         },
         Domain::Choice(_) => unreachable!("numeric domains only"),
     }
+}
+
+/// Rounds away the binary error of a grid value (`0.1 * 3` is
+/// 0.30000000000000004) by keeping three more decimals than the step has.
+fn round_to_grid(value: f64, step: f64) -> f64 {
+    let decimals = (-step.log10()).ceil().max(0.0) as i32 + 3;
+    let scale = 10f64.powi(decimals.min(15));
+    (value * scale).round() / scale
 }
 
 /// Draws a value of `domain` from its prior.
@@ -379,7 +387,7 @@ fn all_values(domain: &Domain) -> Vec<Value> {
             step: Some(step),
             ..
         } => (0..domain.size().unwrap_or(0))
-            .map(|k| Value::Float(low + k as f64 * step))
+            .map(|k| Value::Float(round_to_grid(low + k as f64 * step, step)))
             .collect(),
         Domain::Float { step: None, .. } => Vec::new(),
     }
