@@ -174,6 +174,43 @@ fn grid_visits_each_point_once() {
     assert_eq!(texts.len(), points.len());
 }
 
+#[test]
+fn export_drops_conditions_of_inactive_parameters() {
+    let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/models/fashion_search.model")).unwrap();
+    let space = space_of(&source);
+    let params: Vec<(String, String)> = [
+        ("width", "24"),
+        ("depth", "1"),
+        ("kernel", "3"),
+        ("cell", "residual"),
+        ("dropout_rate", "0.3"),
+        ("lr", "0.01"),
+        ("batch", "64"),
+    ]
+    .iter()
+    .map(|(n, v)| (n.to_string(), v.to_string()))
+    .collect();
+    let best = kiln::tune::storage::Trial {
+        id: 1,
+        number: 0,
+        state: TrialState::Complete,
+        params,
+        value: Some(0.9),
+        test_accuracy: None,
+        epochs: vec![0.9],
+        error: None,
+        checkpoint: None,
+        retry_of: None,
+        started: 0.0,
+        finished: Some(1.0),
+    };
+    let text = kiln::tune::report::export_best(&source, "fashion_search", &best, &space).unwrap();
+    let report = check_source(&text);
+    assert!(!report.has_errors(), "{:?}\n{text}", report.diagnostics);
+    assert!(text.contains("expand = choice(1)\n"), "{text}");
+    assert!(text.contains("cell = choice(residual)"), "{text}");
+}
+
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kiln-tune-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

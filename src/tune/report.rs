@@ -128,8 +128,9 @@ fn correlation_ratio(pairs: &[(String, f64)]) -> f64 {
 }
 
 /// Writes the model source with every search range replaced by the best
-/// trial's value, as `choice(value)`; hyperparameters inactive at the best
-/// point keep their default.
+/// trial's value, as `choice(value)`. Hyperparameters inactive at the best
+/// point keep their default and lose their `when` condition, which could
+/// otherwise name a value that its parent no longer offers.
 ///
 /// # Errors
 /// When the source no longer parses or the model is missing.
@@ -150,14 +151,20 @@ pub fn export_best(
         };
         for entry in entries {
             let name = &entry.name.name;
+            let mut span = entry.domain.span.clone();
             let value = match best.params.iter().find(|(n, _)| n == name) {
                 Some((_, v)) => v.clone(),
-                None => space
-                    .get(name)
-                    .map(|p| p.default.to_string())
-                    .ok_or_else(|| format!("hyperparameter `{name}` is not in the space"))?,
+                None => {
+                    if let Some(condition) = &entry.condition {
+                        span.end = span.end.max(condition.span.end);
+                    }
+                    space
+                        .get(name)
+                        .map(|p| p.default.to_string())
+                        .ok_or_else(|| format!("hyperparameter `{name}` is not in the space"))?
+                }
             };
-            edits.push((entry.domain.span.clone(), format!("choice({value})")));
+            edits.push((span, format!("choice({value})")));
         }
     }
     edits.sort_by_key(|(span, _)| std::cmp::Reverse(span.start));
