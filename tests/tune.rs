@@ -176,7 +176,11 @@ fn grid_visits_each_point_once() {
 
 #[test]
 fn export_drops_conditions_of_inactive_parameters() {
-    let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/models/fashion_search.model")).unwrap();
+    let source = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/models/fashion_search.model"
+    ))
+    .unwrap();
     let space = space_of(&source);
     let params: Vec<(String, String)> = [
         ("width", "24"),
@@ -409,7 +413,7 @@ fn killed_sweep_resumes_without_losing_trials() {
     let data = digits();
     let args = [
         "tune", "m.model", "--data", &data, "--trials", "5", "--pruner", "none", "--jobs", "1",
-        "--epochs", "4", "--study", "k.study",
+        "--epochs", "30", "--study", "k.study",
     ];
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(args)
@@ -426,7 +430,13 @@ fn killed_sweep_resumes_without_losing_trials() {
             Instant::now() < deadline,
             "the sweep never reached a second trial"
         );
-        std::thread::sleep(Duration::from_millis(100));
+        // Each trial trains for 30 short epochs, so a running trial with
+        // recorded epochs lasts a few seconds and cannot be missed.
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the sweep ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
         if !study.is_file() {
             continue;
         }
