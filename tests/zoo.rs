@@ -56,6 +56,15 @@ fn digits_model_checks() {
 }
 
 #[test]
+fn digits_search_space_is_checked() {
+    let report = check_model_file("digits_search.model");
+    assert!(!report.has_errors(), "{:?}", report.diagnostics);
+    let model = &report.models[0];
+    assert_eq!(model.space.params.len(), 4);
+    assert!(model.points_checked >= 30, "{}", model.points_checked);
+}
+
+#[test]
 fn fashion_search_space_is_checked() {
     let report = check_model_file("fashion_search.model");
     let model = &report.models[0];

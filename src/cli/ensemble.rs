@@ -436,6 +436,9 @@ impl Report {
                 set.best_member,
                 100.0 * set.gain
             );
+            if predictor.members.iter().any(|m| m.weight == 0.0) {
+                println!("  members of weight 0 are not pooled and not written to the file");
+            }
             if !set.diversity.is_empty() {
                 let n = set.diversity.len() as f64;
                 let disagreement = set.diversity.iter().map(|d| d.disagreement).sum::<f64>() / n;

@@ -58,7 +58,8 @@ pub struct TrainArgs {
     /// or the resumed checkpoint's).
     #[arg(long)]
     pub val_split: Option<f64>,
-    /// CSV label column: a 0-based index or a header name (default: last).
+    /// CSV label column: a 0-based index or a header name (default: a
+    /// column named label, class, target or y, else the last).
     #[arg(long)]
     pub label_column: Option<String>,
     /// Folder for `best.safetensors` and `last.safetensors`.
@@ -139,7 +140,8 @@ pub struct EvalArgs {
     /// Data to evaluate on (a folder's test split when it has one).
     #[arg(long)]
     pub data: PathBuf,
-    /// CSV label column: a 0-based index or a header name (default: last).
+    /// CSV label column: a 0-based index or a header name (default: a
+    /// column named label, class, target or y, else the last).
     #[arg(long)]
     pub label_column: Option<String>,
     /// Print the result as JSON.
@@ -494,13 +496,16 @@ fn print_summary(summary: &runtime::Summary, output: Output, dir: &Path) {
                 };
                 println!("best {} {shown} at epoch {epoch}", summary.monitor.name());
             }
+            // These are the last epoch's figures, measured before early
+            // stopping may have restored an earlier epoch's weights.
             if let Some(r) = last {
+                let at = format!("last epoch ({})", r.epoch);
                 if let (Some(loss), Some(acc)) = (r.val_loss, r.val_accuracy) {
-                    println!("final val_loss {loss:.4}  val_accuracy {:.2}%", 100.0 * acc);
+                    println!("{at} val_loss {loss:.4}  val_accuracy {:.2}%", 100.0 * acc);
                 }
                 if let (Some(loss), Some(acc)) = (r.test_loss, r.test_accuracy) {
                     println!(
-                        "final test_loss {loss:.4}  test_accuracy {:.2}%",
+                        "{at} test_loss {loss:.4}  test_accuracy {:.2}%",
                         100.0 * acc
                     );
                 }

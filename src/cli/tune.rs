@@ -56,7 +56,8 @@ pub struct TuneArgs {
     /// Test data; a folder's test split is used when this is omitted.
     #[arg(long)]
     pub test_data: Option<PathBuf>,
-    /// CSV label column: a 0-based index or a header name (default: last).
+    /// CSV label column: a 0-based index or a header name (default: a
+    /// column named label, class, target or y, else the last).
     #[arg(long)]
     pub label_column: Option<String>,
     /// Use only the first N training samples.
