@@ -121,6 +121,7 @@ fn member_paths(args: &EnsembleArgs) -> Result<Vec<PathBuf>, (u8, String)> {
             ranked.push(trials.remove(i));
         }
         let keep = match (args.top, args.select) {
+            (Some(0), None) => return Err(usage("--top must be at least 1".into())),
             (Some(k), None) => k,
             (None, Some(SelectArg::Greedy)) => ranked.len(),
             _ => {
@@ -240,7 +241,7 @@ fn validation_data(raw: &Dataset, members: &[Member], json: bool) -> Option<Data
     };
     if members.iter().any(|m| key(&m.restored.meta) != key(meta)) && !json {
         eprintln!(
-            "warning: members used different validation splits, so some validation samples were training samples of other members; trust the test figures"
+            "warning: members used different validation splits, so some validation samples were training samples of other members; judge the ensemble on test data"
         );
     }
     let mut data = raw.clone();
@@ -269,6 +270,16 @@ fn score(probabilities: &ndarray::Array2<f32>, classes: &[usize], labels: &[usiz
 fn build(args: EnsembleArgs) -> Result<u8, (u8, String)> {
     let usage = |m: String| (exit::USAGE, m);
     let paths = member_paths(&args)?;
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if paths.iter().any(|p| same(p, &args.out)) {
+        return Err(usage(format!(
+            "--out `{}` is one of the members; choose another path",
+            args.out.display()
+        )));
+    }
     let threads = args
         .exec
         .threads

@@ -700,13 +700,9 @@ pub fn predict(args: PredictArgs) -> u8 {
             Ok(loaded) if loaded.train.features == needed => loaded.train,
             // The file has no labels: a CSV file without a label column, or
             // NumPy arrays of features only.
-            labeled => data::load_unlabeled(&args.data).map_err(|unlabeled| {
-                let message = match labeled {
-                    Err(e) => e.to_string(),
-                    Ok(_) => unlabeled.to_string(),
-                };
-                (exit::USAGE, message)
-            })?,
+            // When both readings fail, the unlabeled one's error is the
+            // relevant one: prediction needs no labels.
+            _ => data::load_unlabeled(&args.data).map_err(|e| (exit::USAGE, e.to_string()))?,
         };
         if data.features != needed {
             return Err((

@@ -124,6 +124,9 @@ pub struct StudyArgs {
     /// Write `history.svg` and `params.svg` into this folder.
     #[arg(long)]
     pub plots: Option<PathBuf>,
+    /// Let `--export-best` replace an existing file.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Complete trials below which importances are not shown: with fewer,
@@ -216,18 +219,30 @@ fn run_tune(args: TuneArgs) -> Result<u8, (u8, String)> {
             std::process::exit(130);
         }
     });
-    if args.trials == 0 || args.jobs == Some(0) || args.threads == Some(0) {
-        return Err(usage(
-            "--trials, --jobs and --threads must be at least 1".into(),
-        ));
+    let counts = [
+        ("--trials", Some(args.trials)),
+        ("--jobs", args.jobs),
+        ("--threads", args.threads),
+        ("--epochs", args.epochs),
+        ("--timeout", args.timeout.map(|t| t as usize)),
+    ];
+    if let Some((flag, _)) = counts.iter().find(|(_, v)| *v == Some(0)) {
+        return Err(usage(format!("{flag} must be at least 1")));
     }
-    if !(0.0..1.0).contains(&args.val_split) {
+    if !(args.val_split > 0.0 && args.val_split < 1.0) {
         return Err(usage(format!(
-            "--val-split {} is outside [0, 1)",
+            "--val-split {} is outside (0, 1): a sweep judges trials on a validation split",
             args.val_split
         )));
     }
     let problem = problem(&args)?;
+    if args.sampler == SamplerArg::Grid
+        && crate::tune::sampler::grid(&problem.space, 1_000_000).is_none()
+    {
+        return Err(usage(
+            "the grid sampler needs a discrete space of at most 1,000,000 points: give every float range a `step`, or use --sampler tpe".into(),
+        ));
+    }
     let cores = default_threads();
     let jobs = args.jobs.unwrap_or(cores).min(args.trials);
     let threads = args.threads.unwrap_or((cores / jobs).max(1));
@@ -239,6 +254,10 @@ fn run_tune(args: TuneArgs) -> Result<u8, (u8, String)> {
         .study
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("{}.study", problem.model_name)));
+    // Trials record their checkpoints by absolute path, so the study can be
+    // used from any folder.
+    let study_path = std::path::absolute(&study_path)
+        .map_err(|e| usage(format!("cannot resolve `{}`: {e}", study_path.display())))?;
     let storage = SqliteStorage::open(
         &study_path,
         &problem.model_name,
@@ -296,17 +315,30 @@ fn run_tune(args: TuneArgs) -> Result<u8, (u8, String)> {
         &events,
     )
     .map_err(|e| usage(e.to_string()))?;
+    let finished = trials
+        .iter()
+        .filter(|t| matches!(t.state, TrialState::Complete | TrialState::Pruned))
+        .count();
     print_summary(
         &trials,
         direction,
         metric.name(),
         started.elapsed().as_secs_f64(),
     );
-    Ok(if interrupt.load(Ordering::SeqCst) {
-        130
-    } else {
-        exit::OK
-    })
+    if interrupt.load(Ordering::SeqCst) {
+        return Ok(130);
+    }
+    if finished < config.trials {
+        return Err((
+            exit::INVALID_MODEL,
+            format!(
+                "the sweep stopped with {finished} of {} trials finished; see the errors above, or `kiln study {}`",
+                config.trials,
+                study_path.display()
+            ),
+        ));
+    }
+    Ok(exit::OK)
 }
 
 /// Checkpoints of a study's trials live beside it: `<study>.trials/`.
@@ -387,6 +419,16 @@ pub fn study(args: StudyArgs) -> u8 {
 }
 
 fn run_study(args: StudyArgs) -> Result<u8, String> {
+    if let Some(path) = args
+        .export_best
+        .as_ref()
+        .filter(|p| p.exists() && !args.force)
+    {
+        return Err(format!(
+            "`{}` exists; choose another --export-best path, or add --force to replace it",
+            path.display()
+        ));
+    }
     let mut storage = SqliteStorage::open_existing(&args.study).map_err(|e| e.to_string())?;
     let (model, source, metric_name) = storage.study_info().map_err(|e| e.to_string())?;
     let trials = storage.trials().map_err(|e| e.to_string())?;

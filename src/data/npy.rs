@@ -116,6 +116,24 @@ fn features_only(path: &Path, x: ArrayD<f32>) -> Result<Dataset, DataError> {
     dataset(path, x, zeros, "x")
 }
 
+fn read_npy_as<T: ndarray_npy::ReadableElement + Copy + widen::ToF32>(
+    path: &Path,
+) -> Result<ArrayD<f32>, ndarray_npy::ReadNpyError> {
+    let file = std::fs::File::open(path).map_err(ndarray_npy::ReadNpyError::Io)?;
+    ArrayD::<T>::read_npy(file).map(|a| a.mapv(|v| v.to_f32()))
+}
+
+/// Conversion of the integer element types to `f32`.
+mod widen {
+    pub trait ToF32 {
+        fn to_f32(self) -> f32;
+    }
+    macro_rules! to_f32 {
+        ($($t:ty),*) => {$(impl ToF32 for $t { fn to_f32(self) -> f32 { self as f32 } })*};
+    }
+    to_f32!(u8, i16, i32, i64);
+}
+
 /// Reads a `.npy` array of unlabeled samples (any number of axes).
 pub fn load_npy_features(path: &Path) -> Result<Dataset, DataError> {
     let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
@@ -124,11 +142,17 @@ pub fn load_npy_features(path: &Path) -> Result<Dataset, DataError> {
             let file = std::fs::File::open(path).map_err(ndarray_npy::ReadNpyError::Io)?;
             ArrayD::<f64>::read_npy(file).map(|a| a.mapv(|v| v as f32))
         })
-        .or_else(|_| {
-            let file = std::fs::File::open(path).map_err(ndarray_npy::ReadNpyError::Io)?;
-            ArrayD::<u8>::read_npy(file).map(|a| a.mapv(|v| v as f32))
-        })
-        .map_err(|e| DataError::invalid(path, "NumPy .npy", e.to_string()))?;
+        .or_else(|_| read_npy_as::<u8>(path))
+        .or_else(|_| read_npy_as::<i64>(path))
+        .or_else(|_| read_npy_as::<i32>(path))
+        .or_else(|_| read_npy_as::<i16>(path))
+        .map_err(|e| {
+            DataError::invalid(
+                path,
+                "NumPy .npy",
+                format!("{e}; the array must be float32, float64, uint8, int16, int32 or int64"),
+            )
+        })?;
     features_only(path, x)
 }
 

@@ -143,7 +143,15 @@ pub fn log_loss(probabilities: &Array2<f32>, labels: &[usize]) -> f64 {
     let total: f64 = labels
         .iter()
         .enumerate()
-        .map(|(row, &l)| -(probabilities[[row, l]].max(1e-7) as f64).ln())
+        .map(|(row, &l)| {
+            let p = probabilities[[row, l]];
+            // `max` would turn a NaN into 1e-7 and hide it.
+            if p.is_nan() {
+                f64::NAN
+            } else {
+                -(p.max(1e-7) as f64).ln()
+            }
+        })
         .sum();
     total / labels.len().max(1) as f64
 }

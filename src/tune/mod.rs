@@ -120,6 +120,9 @@ pub enum Event<'a> {
 
 type Shared = Arc<Mutex<Box<dyn Storage>>>;
 
+/// Whether a worker has reported that failures stopped the sweep.
+static STOP_ANNOUNCED: AtomicBool = AtomicBool::new(false);
+
 /// The next trial a worker runs.
 struct Next {
     trial: Trial,
@@ -237,10 +240,13 @@ fn claim_next(
     }
     let trials = storage.trials()?;
     if failures(&trials) >= max_failures {
-        events(Event::Note(format!(
-            "stopping: {} trials failed or were rejected",
-            failures(&trials)
-        )));
+        // Every worker stops here; the first one to see the limit says so.
+        if !STOP_ANNOUNCED.swap(true, Ordering::SeqCst) {
+            events(Event::Note(format!(
+                "stopping: {} trials failed or were rejected",
+                failures(&trials)
+            )));
+        }
         return Ok(None);
     }
     let Some((params, retry_of)) = choose(problem, config, &trials, grid) else {

@@ -33,6 +33,10 @@ pub enum StorageError {
         found: String,
         expected: String,
     },
+    #[error("`{path}` holds a study of another version of model `{model}` (its source text differs); use another --study file, or restore the source the study was made with")]
+    ChangedSource { path: String, model: String },
+    #[error("study database `{0}` not found")]
+    NotFound(String),
 }
 
 /// A trial's life: `Running` until it ends as one of the others.
@@ -171,6 +175,23 @@ fn owner_alive(owner: &str) -> bool {
     unsafe { libc::kill(pid, 0) == 0 }
 }
 
+/// Runs `f` until it does not fail with "database is locked", for at most
+/// 30 seconds.
+fn retry_busy<T>(mut f: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match f() {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// An SQLite study database.
 pub struct SqliteStorage {
     conn: Connection,
@@ -231,26 +252,34 @@ impl SqliteStorage {
         };
         let conn = Connection::open(path).map_err(open_error)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(open_error)?;
+        // Switching a new file to WAL needs an exclusive lock, which the busy
+        // timeout does not wait for; a second process creating the same study
+        // at the same moment retries instead of failing.
+        retry_busy(|| conn.pragma_update(None, "journal_mode", "WAL")).map_err(open_error)?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.execute_batch(SCHEMA).map_err(open_error)?;
-        let existing: Option<(i64, String)> = conn
+        retry_busy(|| conn.execute_batch(SCHEMA)).map_err(open_error)?;
+        let existing: Option<(i64, String, String)> = conn
             .query_row(
-                "SELECT id, model FROM studies ORDER BY id LIMIT 1",
+                "SELECT id, model, source_sha256 FROM studies ORDER BY id LIMIT 1",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
         let study = match existing {
-            Some((_, found)) if found != model => {
+            Some((_, found, _)) if found != model => {
                 return Err(StorageError::OtherModel {
                     path: path.display().to_string(),
                     found,
                     expected: model.to_string(),
                 })
             }
-            Some((id, _)) => id,
+            Some((_, _, sha)) if sha != source_sha256 => {
+                return Err(StorageError::ChangedSource {
+                    path: path.display().to_string(),
+                    model: model.to_string(),
+                })
+            }
+            Some((id, _, _)) => id,
             None => {
                 conn.execute(
                     "INSERT INTO studies (model, source, source_sha256, metric, created) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -272,10 +301,7 @@ impl SqliteStorage {
     /// When the file is missing or is not a study database.
     pub fn open_existing(path: &Path) -> Result<SqliteStorage, StorageError> {
         if !path.is_file() {
-            return Err(StorageError::Open {
-                path: path.display().to_string(),
-                source: rusqlite::Error::InvalidPath(path.to_path_buf()),
-            });
+            return Err(StorageError::NotFound(path.display().to_string()));
         }
         let conn = Connection::open(path).map_err(|source| StorageError::Open {
             path: path.display().to_string(),
