@@ -404,6 +404,17 @@ fn tune_then_study_exports_a_valid_model() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // An existing file, such as the study's own model, is not replaced.
+    let out = kiln(
+        &dir,
+        &["study", "digits_search.study", "--export-best", "m.model"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("m.model")).unwrap(),
+        DIGITS_SEARCH
+    );
 }
 
 #[test]
