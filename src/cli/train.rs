@@ -610,13 +610,7 @@ pub fn eval(args: EvalArgs) -> u8 {
             metrics.samples,
             args.data.display()
         );
-        println!("loss      {:.4}", metrics.loss());
-        println!("accuracy  {:.2}%", 100.0 * metrics.accuracy());
-        if let Some(top5) = metrics.top5() {
-            println!("top-5     {:.2}%", 100.0 * top5);
-        }
-        println!("confusion matrix (rows: true class, columns: predicted)");
-        print!("{}", confusion_table(&metrics.confusion));
+        print_metrics(&metrics);
         Ok(exit::OK)
     })();
     result.unwrap_or_else(|(status, message)| {
@@ -659,6 +653,12 @@ fn eval_ensemble(args: &EvalArgs) -> Result<u8, (u8, String)> {
         args.data.display(),
         predictor.members.len()
     );
+    print_metrics(&metrics);
+    Ok(exit::OK)
+}
+
+/// Prints `kiln eval`'s loss, accuracy, top-5 accuracy and confusion matrix.
+fn print_metrics(metrics: &crate::runtime::evaluate::Metrics) {
     println!("loss      {:.4}", metrics.loss());
     println!("accuracy  {:.2}%", 100.0 * metrics.accuracy());
     if let Some(top5) = metrics.top5() {
@@ -666,7 +666,6 @@ fn eval_ensemble(args: &EvalArgs) -> Result<u8, (u8, String)> {
     }
     println!("confusion matrix (rows: true class, columns: predicted)");
     print!("{}", confusion_table(&metrics.confusion));
-    Ok(exit::OK)
 }
 
 fn confusion_table(confusion: &[Vec<usize>]) -> String {

@@ -6,8 +6,7 @@
 
 use super::Rule;
 use crate::interp::Tensor;
-use crate::runtime::checkpoint::{write_atomic, Checkpoint, CheckpointError, Metadata};
-use ndarray::IxDyn;
+use crate::runtime::checkpoint::{decode_f32, write_atomic, Checkpoint, CheckpointError, Metadata};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
@@ -133,18 +132,10 @@ pub fn load(path: &Path) -> Result<(Rule, Vec<StoredMember>), CheckpointError> {
             .and_then(|rest| rest.split_once('/'))
             .and_then(|(i, t)| Some((i.parse::<usize>().ok()?, t)))
             .ok_or_else(|| invalid(format!("tensor `{name}` names no member")))?;
-        if member >= per_member.len() || view.dtype() != Dtype::F32 {
-            return Err(invalid(format!(
-                "tensor `{name}` is not a float32 tensor of a member"
-            )));
+        if member >= per_member.len() {
+            return Err(invalid(format!("tensor `{name}` names no member")));
         }
-        let values = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        let t = Tensor::from_shape_vec(IxDyn(view.shape()), values)
-            .map_err(|e| invalid(e.to_string()))?;
+        let t = decode_f32(&name, &view).map_err(invalid)?;
         per_member[member].insert(tensor.to_string(), t);
     }
     let members = header

@@ -202,6 +202,23 @@ pub fn write_atomic(
     Ok(())
 }
 
+/// Decodes a little-endian float32 safetensors view into a tensor.
+///
+/// # Errors
+/// Names the tensor when it is not float32 or its size does not fit its
+/// shape.
+pub fn decode_f32(name: &str, view: &TensorView) -> Result<Tensor, String> {
+    if view.dtype() != Dtype::F32 {
+        return Err(format!("tensor `{name}` is not float32"));
+    }
+    let values = view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Tensor::from_shape_vec(IxDyn(view.shape()), values).map_err(|e| format!("tensor `{name}`: {e}"))
+}
+
 impl Checkpoint {
     /// A checkpoint from its metadata and tensors by name, as an ensemble
     /// file stores its members.
@@ -238,16 +255,7 @@ impl Checkpoint {
         let tensors = SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
         let mut map = HashMap::new();
         for (name, view) in tensors.tensors() {
-            if view.dtype() != Dtype::F32 {
-                return Err(invalid(format!("tensor `{name}` is not float32")));
-            }
-            let values = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            let tensor = Tensor::from_shape_vec(IxDyn(view.shape()), values)
-                .map_err(|e| invalid(e.to_string()))?;
+            let tensor = decode_f32(&name, &view).map_err(invalid)?;
             map.insert(name, tensor);
         }
         Ok(Checkpoint { meta, tensors: map })
