@@ -5,7 +5,7 @@
 
 use super::exit;
 use super::predictor::{Member, Predictor};
-use super::train::{instantiate, label_column, restore, ExecArgs};
+use super::train::{instantiate, label_column, restore, test_split, ExecArgs};
 use crate::data::{self, Dataset};
 use crate::ensemble::{self, file, Predictions, Rule};
 use crate::runtime::{self, Output, TrainSetup};
@@ -167,14 +167,7 @@ fn train_seeds(
         instantiate(&source, &name, None, &[]).map_err(|m| (exit::INVALID_MODEL, m))?;
     let loaded = data::load(&args.data, &label_column(&args.label_column))
         .map_err(|e| usage(e.to_string()))?;
-    let test = match &args.test_data {
-        Some(p) => Some(
-            data::load(p, &label_column(&args.label_column))
-                .map_err(|e| usage(e.to_string()))?
-                .train,
-        ),
-        None => loaded.test,
-    };
+    let test = test_split(args.test_data.as_deref(), loaded.test, &args.label_column)?;
     let members_dir = with_suffix(&args.out, ".members");
     let mut paths = Vec::new();
     for seed in 0..seeds {
@@ -306,14 +299,11 @@ fn build(args: EnsembleArgs) -> Result<u8, (u8, String)> {
 
     let loaded = data::load(&args.data, &label_column(&args.label_column))
         .map_err(|e| usage(e.to_string()))?;
-    let test = match &args.test_data {
-        Some(p) => Some(
-            data::load(p, &label_column(&args.label_column))
-                .map_err(|e| usage(e.to_string()))?
-                .train,
-        ),
-        None => loaded.test.clone(),
-    };
+    let test = test_split(
+        args.test_data.as_deref(),
+        loaded.test.clone(),
+        &args.label_column,
+    )?;
     let val = validation_data(&loaded.train, &predictor.members, args.json);
     let val_predictions = match &val {
         Some(v) => Some(predictor.member_predictions(v)?),

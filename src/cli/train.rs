@@ -168,6 +168,35 @@ pub struct PredictArgs {
     pub exec: ExecArgs,
 }
 
+/// Installs the Ctrl-C handler of a long run and returns its flag: the
+/// first Ctrl-C sets the flag, on which the run checkpoints and stops, and
+/// a second one exits at once with status 130.
+pub(crate) fn interrupt_flag() -> Arc<AtomicBool> {
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let flag = interrupt.clone();
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(INTERRUPTED as i32);
+        }
+    });
+    interrupt
+}
+
+/// The test data: `--test-data` when given, else the split that `--data`
+/// brought (a folder's `t10k-*` files).
+pub(crate) fn test_split(
+    test_data: Option<&Path>,
+    loaded_test: Option<Dataset>,
+    label: &Option<String>,
+) -> Result<Option<Dataset>, (u8, String)> {
+    match test_data {
+        Some(path) => data::load(path, &label_column(label))
+            .map(|loaded| Some(loaded.train))
+            .map_err(|e| (exit::USAGE, e.to_string())),
+        None => Ok(loaded_test),
+    }
+}
+
 pub(crate) fn label_column(arg: &Option<String>) -> LabelColumn {
     match arg {
         None => LabelColumn::Auto,
@@ -285,13 +314,7 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
     // Installed first, so that a Ctrl-C while the data loads also stops the
     // run cleanly. The first Ctrl-C sets a flag on which the loop checkpoints and stops, and a
     // second one exits at once.
-    let interrupt = Arc::new(AtomicBool::new(false));
-    let flag = interrupt.clone();
-    let _ = ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(INTERRUPTED as i32);
-        }
-    });
+    let interrupt = interrupt_flag();
     if args.exec.threads == Some(0) {
         return Err(usage("--threads must be at least 1".into()));
     }
@@ -344,14 +367,7 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
         let first: Vec<usize> = (0..limit.min(loaded.train.len())).collect();
         loaded.train = loaded.train.subset(&first);
     }
-    let test = match &args.test_data {
-        Some(path) => Some(
-            data::load(path, &label_column(&args.label_column))
-                .map_err(|e| usage(e.to_string()))?
-                .train,
-        ),
-        None => loaded.test,
-    };
+    let test = test_split(args.test_data.as_deref(), loaded.test, &args.label_column)?;
     let output = if args.json {
         Output::Json
     } else if args.quiet {

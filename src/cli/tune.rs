@@ -2,7 +2,7 @@
 //! database; `kiln study STUDY` shows, plots and exports its results.
 
 use super::exit;
-use super::train::label_column;
+use super::train::{interrupt_flag, label_column, test_split};
 use crate::check::Program;
 use crate::data;
 use crate::diag::render::{self, SourceFile};
@@ -13,8 +13,7 @@ use crate::tune::storage::{SqliteStorage, Storage, Trial, TrialState};
 use crate::tune::{self, report, Event, Metric, Problem, TuneConfig};
 use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -181,14 +180,7 @@ fn problem(args: &TuneArgs) -> Result<Problem, (u8, String)> {
         let first: Vec<usize> = (0..limit.min(loaded.train.len())).collect();
         loaded.train = loaded.train.subset(&first);
     }
-    let test = match &args.test_data {
-        Some(path) => Some(
-            data::load(path, &label_column(&args.label_column))
-                .map_err(|e| usage(e.to_string()))?
-                .train,
-        ),
-        None => loaded.test,
-    };
+    let test = test_split(args.test_data.as_deref(), loaded.test, &args.label_column)?;
     Ok(Problem {
         model_name: model.name.clone(),
         space: model.space.clone(),
@@ -212,13 +204,7 @@ pub fn tune(args: TuneArgs) -> u8 {
 
 fn run_tune(args: TuneArgs) -> Result<u8, (u8, String)> {
     let usage = |m: String| (exit::USAGE, m);
-    let interrupt = Arc::new(AtomicBool::new(false));
-    let flag = interrupt.clone();
-    let _ = ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-    });
+    let interrupt = interrupt_flag();
     let counts = [
         ("--trials", Some(args.trials)),
         ("--jobs", args.jobs),

@@ -60,7 +60,7 @@ fn softmax_rows(logits: &Array2<f32>) -> Array2<f32> {
     out
 }
 
-/// The index of each row's largest value (the first of equal ones).
+/// Returns the index of each row's largest value (the first of equal ones).
 pub fn argmax_rows(values: &Array2<f32>) -> Vec<usize> {
     values
         .axis_iter(Axis(0))
@@ -131,7 +131,7 @@ pub fn combine(rule: Rule, members: &[&Predictions], weights: &[f64]) -> (Array2
     }
 }
 
-/// The fraction of samples whose predicted class is their label.
+/// Returns the fraction of samples whose predicted class is their label.
 pub fn accuracy(classes: &[usize], labels: &[usize]) -> f64 {
     let right = classes.iter().zip(labels).filter(|(c, l)| c == l).count();
     right as f64 / labels.len().max(1) as f64

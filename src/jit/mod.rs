@@ -481,7 +481,7 @@ impl Program {
         }
     }
 
-    /// The loss after a run of a training graph.
+    /// Returns the loss after a run of a training graph.
     pub fn loss(&self, arena: &Arena) -> f32 {
         self.graph
             .loss

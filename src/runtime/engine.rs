@@ -102,7 +102,7 @@ fn diff(name: &str, actual: &Tensor, expected: &Tensor) -> TensorDiff {
     }
 }
 
-/// The number of threads a run uses unless told otherwise: every core.
+/// Returns the default thread count of a run: one per core.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }

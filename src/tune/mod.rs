@@ -240,7 +240,8 @@ fn claim_next(
     }
     let trials = storage.trials()?;
     if failures(&trials) >= max_failures {
-        // Every worker stops here; the first one to see the limit says so.
+        // Every worker stops here, and the first one to see the limit
+        // prints the note.
         if !STOP_ANNOUNCED.swap(true, Ordering::SeqCst) {
             events(Event::Note(format!(
                 "stopping: {} trials failed or were rejected",
@@ -484,7 +485,7 @@ fn watchdog(
     })
 }
 
-/// Records each epoch's metric and asks the pruner whether to go on.
+/// Records each epoch's metric and returns the pruner's decision to go on.
 fn pruning_hook(config: &TuneConfig, shared: Shared, id: i64) -> runtime::EpochHook {
     let (metric, pruner) = (config.metric, config.pruner);
     let mut values: Vec<f64> = Vec::new();

@@ -8,7 +8,7 @@ use crate::syntax::ast;
 use plotters::prelude::*;
 use std::path::Path;
 
-/// The best complete trial.
+/// Returns the best complete trial.
 pub fn best(trials: &[Trial], direction: Direction) -> Option<&Trial> {
     trials
         .iter()

@@ -103,7 +103,7 @@ impl Trial {
     }
 }
 
-/// What a new trial needs.
+/// The parameters of a trial to claim.
 pub struct NewTrial {
     pub params: Vec<(String, String)>,
     pub retry_of: Option<i64>,
@@ -111,10 +111,10 @@ pub struct NewTrial {
 
 /// The operations a sweep performs on its study.
 pub trait Storage: Send {
-    /// Every trial of the study, by number.
+    /// Returns every trial of the study, by number.
     fn trials(&mut self) -> Result<Vec<Trial>, StorageError>;
     /// Inserts a running trial owned by this process with the next number,
-    /// unless `limit` says the study has enough finished or running
+    /// unless `limit` reports that the study has enough finished or running
     /// trials. Returns the new trial.
     fn claim(
         &mut self,
