@@ -26,6 +26,9 @@ pub struct BenchArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also time every kernel of the training step and list the slowest.
+    #[arg(long)]
+    pub profile: bool,
     #[command(flatten)]
     pub exec: super::train::ExecArgs,
 }
@@ -124,6 +127,12 @@ pub fn run(args: BenchArgs) -> u8 {
         "inference_samples_per_s": batch as f64 / infer,
         "inference_gflops": flops / infer / 1e9,
     });
+    if args.profile && engine.executor() == ExecutorKind::Jit {
+        match engine.profile_train(&weights, &instance.train.optimizer, &x, &labels, args.steps) {
+            Ok(kernels) => print_profile(&kernels),
+            Err(e) => eprintln!("kiln: profiling failed: {e}"),
+        }
+    }
     if args.json {
         println!("{report}");
     } else {
@@ -142,4 +151,41 @@ pub fn run(args: BenchArgs) -> u8 {
         );
     }
     exit::OK
+}
+
+/// Prints the kernels that take the most time, and each operator kind's
+/// share of the step, to standard error so `--json` output stays clean.
+fn print_profile(kernels: &[(String, f64)]) {
+    let total: f64 = kernels.iter().map(|(_, t)| t).sum();
+    let mut by_time: Vec<(usize, &(String, f64))> = kernels.iter().enumerate().collect();
+    by_time.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+    eprintln!("kernels (median per run, {:.1} ms in total):", total * 1e3);
+    for (i, (label, time)) in by_time.iter().take(25) {
+        eprintln!(
+            "  {:>3}  {:>7.2} ms  {:>5.1}%  {label}",
+            i,
+            time * 1e3,
+            100.0 * time / total
+        );
+    }
+
+    let mut by_kind: std::collections::BTreeMap<String, f64> = Default::default();
+    for (label, time) in kernels {
+        let kind: String = label
+            .split([' ', '(', '{'])
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        *by_kind.entry(kind).or_default() += time;
+    }
+    let mut kinds: Vec<_> = by_kind.into_iter().collect();
+    kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
+    eprintln!("by operator:");
+    for (kind, time) in kinds {
+        eprintln!(
+            "  {:>7.2} ms  {:>5.1}%  {kind}",
+            time * 1e3,
+            100.0 * time / total
+        );
+    }
 }

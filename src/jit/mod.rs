@@ -390,6 +390,21 @@ impl Program {
         seed: u64,
         threads: usize,
     ) -> Result<(), JitError> {
+        self.run_timed(arena, weights, input, labels, seed, threads, None)
+    }
+
+    /// [`Program::run`], calling `on_kernel(i, time)` after kernel `i`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_timed(
+        &self,
+        arena: &mut Arena,
+        weights: &Weights,
+        input: &Tensor,
+        labels: Option<&[usize]>,
+        seed: u64,
+        threads: usize,
+        mut on_kernel: Option<&mut dyn FnMut(usize, Duration)>,
+    ) -> Result<(), JitError> {
         weights.validate(&self.graph)?;
         let labels =
             crate::interp::labels_of(&self.graph, &crate::interp::Batch { input, labels })?;
@@ -403,14 +418,40 @@ impl Program {
             seed,
             scratch: &arena.scratch,
         };
-        for kernel in &self.kernels {
+        for (i, kernel) in self.kernels.iter().enumerate() {
+            let started = on_kernel.as_ref().map(|_| Instant::now());
             // SAFETY: the arena was sized by `layout` for this graph, the
             // sources are loaded, and kernels run in schedule order, so every
             // input is computed before it is read.
             unsafe { self.run_kernel(&ctx, kernel) };
+            if let (Some(record), Some(started)) = (on_kernel.as_mut(), started) {
+                record(i, started.elapsed());
+            }
         }
 
         Ok(())
+    }
+
+    /// A short description of kernel `i` for profiles: its operator and
+    /// output shape.
+    pub fn kernel_label(&self, i: usize) -> String {
+        let describe = |v: ValueId| {
+            let node = self.graph.node(v);
+            format!("{:?} {:?}", node.op, node.shape.as_slice())
+        };
+        match &self.schedule.kernels[i] {
+            Kernel::Fused(fused) => format!(
+                "fused x{} {:?}",
+                fused.members.len(),
+                self.graph.shape(fused.members[0])
+            ),
+            Kernel::Single(v) => describe(*v),
+            Kernel::BatchStats { mean, .. } => format!("batch stats {}", describe(*mean)),
+            Kernel::BatchNormGrad { input, gamma, .. } => match input.or(*gamma) {
+                Some(v) => format!("batchnorm grad {}", describe(v)),
+                None => "batchnorm grad".to_string(),
+            },
+        }
     }
 
     fn load_sources(

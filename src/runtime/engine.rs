@@ -333,6 +333,53 @@ impl Engine {
         }
     }
 
+    /// Times every kernel of the compiled training program (forward and
+    /// backward, without the update) over `runs` runs, and returns each
+    /// kernel's label and median time in seconds, in schedule order.
+    ///
+    /// # Errors
+    /// When compiling fails or the batch does not fit the program.
+    pub fn profile_train(
+        &mut self,
+        weights: &Weights,
+        optimizer: &crate::check::train::Optimizer,
+        input: &Tensor,
+        labels: &[usize],
+        runs: usize,
+    ) -> Result<Vec<(String, f64)>, EngineError> {
+        let program = self.compiled_train(labels.len(), optimizer)?;
+        let mut arena = program.new_arena();
+        let mut times: Vec<Vec<f64>> = Vec::new();
+        let pool = self.pool.as_ref().expect("a thread pool");
+        for run in 0..runs.max(1) {
+            let mut record = |i: usize, time: std::time::Duration| {
+                if times.len() <= i {
+                    times.resize(i + 1, Vec::new());
+                }
+                times[i].push(time.as_secs_f64());
+            };
+            pool.install(|| {
+                program.run_timed(
+                    &mut arena,
+                    weights,
+                    input,
+                    Some(labels),
+                    run as u64,
+                    self.threads,
+                    Some(&mut record),
+                )
+            })?;
+        }
+        Ok(times
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut t)| {
+                t.sort_by(f64::total_cmp);
+                (program.kernel_label(i), t[t.len() / 2])
+            })
+            .collect())
+    }
+
     fn jit_train_step(
         &mut self,
         weights: &mut Weights,
