@@ -249,6 +249,23 @@ fn resnet_matches_the_reference() {
     zoo_case("resnet", 4);
 }
 
+/// Dilated taps that land wholly in the padding of a tiny image leave an
+/// im2col row with no valid column.
+#[test]
+fn taps_wholly_in_padding_match_the_reference() {
+    let source = "model dilated {
+      input image: [1, 2, 2]
+      x = conv(image, filters = 2, kernel = 3, dilation = 3, padding = same) |> relu
+      y = depthwise_conv(x, kernel = 3, dilation = 3, padding = same)
+      logits = flatten(y) |> dense(units = 3)
+      output logits: [3]
+    }";
+    let graph = train_graph(source, 4);
+    for threads in [1, 2] {
+        differential(&graph, sgd(), threads).unwrap_or_else(|e| panic!("{threads} threads: {e}"));
+    }
+}
+
 #[test]
 fn every_optimizer_matches_the_reference() {
     let graph = train_graph(&zoo("mlp"), 8);

@@ -151,10 +151,25 @@ fn transposed(ptr: *const f32, width: usize) -> Mat {
 ///
 /// # Safety
 /// Every pointer must cover its matrix.
-#[allow(clippy::too_many_arguments)]
 unsafe fn matmul(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    parallelism: Parallelism,
+) {
+    matmul_into((m, n, k), rows(dst, n), accumulate, a, b, parallelism);
+}
+
+/// [`matmul`] into a strided `dst`, such as a band of columns of a wider
+/// matrix.
+///
+/// # Safety
+/// Every pointer must cover its matrix.
+unsafe fn matmul_into(
+    (m, n, k): (usize, usize, usize),
+    dst: Mat,
     accumulate: bool,
     a: Mat,
     b: Mat,
@@ -164,9 +179,9 @@ unsafe fn matmul(
         m,
         n,
         k,
-        dst,
-        1,
-        n as isize,
+        dst.ptr as *mut f32,
+        dst.cs,
+        dst.rs,
         accumulate,
         a.ptr,
         a.cs,
@@ -324,20 +339,54 @@ struct ConvDims {
     /// A 1x1 convolution with stride 1 and no padding reads the input as
     /// its own im2col matrix.
     pointwise: bool,
+    /// Output rows per band: im2col expands one band of an image at a time,
+    /// so the expanded matrix stays in the core's cache while the product
+    /// reads it.
+    band: usize,
 }
+
+/// The most `f32`s one band's im2col matrix may hold: 256 KiB, a quarter of
+/// a Zen 4 or Zen 5 core's L2 cache, which leaves room for the product's
+/// own packed copies of both operands.
+const BAND_FLOATS: usize = 1 << 16;
 
 fn conv_dims(x: &[usize], y: &[usize], a: &ConvAttrs) -> ConvDims {
     let win = conv_window(x, y, a);
     let pointwise = a.kernel == 1 && a.stride == 1 && a.pad == [0; 4];
+    let rows = x[1] / a.groups * a.kernel * a.kernel;
+    let band = if pointwise {
+        win.oh
+    } else {
+        (BAND_FLOATS / (rows * win.ow).max(1)).clamp(1, win.oh.max(1))
+    };
     ConvDims {
         images: x[0],
         cin: x[1],
         cout: y[1],
         groups: a.groups,
-        rows: x[1] / a.groups * a.kernel * a.kernel,
+        rows,
         cells: y[2] * y[3],
         win,
         pointwise,
+        band,
+    }
+}
+
+impl ConvDims {
+    /// The bands of output rows of one image.
+    fn bands(&self) -> impl Iterator<Item = Range<usize>> + '_ {
+        (0..self.win.oh)
+            .step_by(self.band.max(1))
+            .map(|start| start..(start + self.band).min(self.win.oh))
+    }
+
+    /// The length of the im2col buffer one thread needs.
+    fn cols_len(&self) -> usize {
+        if self.pointwise {
+            0
+        } else {
+            self.rows * self.band * self.win.ow
+        }
     }
 }
 
@@ -354,20 +403,26 @@ fn valid_columns(win: &Window, offset: usize) -> Range<usize> {
     lo.min(win.ow)..hi.min(win.ow).max(lo.min(win.ow))
 }
 
-/// Unfolds channels `c0..c0 + cg` of one image `[C, H, W]` into `cols`
-/// `[cg · K · K, OH · OW]`, with zeros for taps in the padding.
-fn im2col(x: &[f32], c0: usize, cg: usize, win: &Window, cols: &mut [f32]) {
-    let (k, cells, plane) = (win.kernel, win.oh * win.ow, win.h * win.w);
+/// Unfolds channels `c0..c0 + cg` of one image `[C, H, W]`, for output rows
+/// `band`, into `cols` `[cg · K · K, band · OW]`, with zeros for taps in the
+/// padding.
+fn im2col(x: &[f32], c0: usize, cg: usize, win: &Window, band: Range<usize>, cols: &mut [f32]) {
+    let (k, plane) = (win.kernel, win.h * win.w);
+    let cells = band.len() * win.ow;
     for c in 0..cg {
         let src = &x[(c0 + c) * plane..][..plane];
         for ki in 0..k {
             for kj in 0..k {
                 let row = &mut cols[((c * k + ki) * k + kj) * cells..][..cells];
+                if win.stride == 1 && win.ow == win.w {
+                    shifted_rows(src, win, band.clone(), (ki, kj), row);
+                    continue;
+                }
                 let xs = valid_columns(win, kj * win.dilation);
-                for oy in 0..win.oh {
-                    let dst = &mut row[oy * win.ow..][..win.ow];
+                for (r, oy) in band.clone().enumerate() {
+                    let dst = &mut row[r * win.ow..][..win.ow];
                     let iy = (oy * win.stride + ki * win.dilation).checked_sub(win.top);
-                    let Some(iy) = iy.filter(|&iy| iy < win.h) else {
+                    let Some(iy) = iy.filter(|&iy| iy < win.h && !xs.is_empty()) else {
                         dst.fill(0.0);
                         continue;
                     };
@@ -389,21 +444,60 @@ fn im2col(x: &[f32], c0: usize, cg: usize, win: &Window, cols: &mut [f32]) {
     }
 }
 
-/// Adds columns `[cg · K · K, OH · OW]` back into one image's `dx`.
-fn col2im(cols: &[f32], dx: &mut [f32], c0: usize, cg: usize, win: &Window) {
-    let (k, cells, plane) = (win.kernel, win.oh * win.ow, win.h * win.w);
+/// One im2col row of a stride-1 convolution whose output is as wide as its
+/// input. Every valid tap of the band then reads the input plane at one
+/// fixed offset, so the row is a single copy, after which the few cells
+/// that wrapped around a line edge and the lines in the padding are zeroed.
+/// This replaces one short copy per output line.
+fn shifted_rows(
+    src: &[f32],
+    win: &Window,
+    band: Range<usize>,
+    (ki, kj): (usize, usize),
+    row: &mut [f32],
+) {
+    let ow = win.ow;
+    let dy = ki * win.dilation;
+    let xs = valid_columns(win, kj * win.dilation);
+
+    // Output lines whose input line `oy + dy - top` lies inside the plane.
+    let lines_lo = win.top.saturating_sub(dy).max(band.start);
+    let lines_hi = (win.h + win.top).saturating_sub(dy).min(band.end);
+    if lines_lo >= lines_hi || xs.is_empty() {
+        row.fill(0.0);
+        return;
+    }
+
+    let first = (lines_lo - band.start) * ow + xs.start;
+    let last = (lines_hi - 1 - band.start) * ow + xs.end;
+    let source = (lines_lo + dy - win.top) * win.w + xs.start + kj * win.dilation - win.left;
+    row[..first].fill(0.0);
+    row[first..last].copy_from_slice(&src[source..][..last - first]);
+    row[last..].fill(0.0);
+    for line in lines_lo..lines_hi {
+        let line = &mut row[(line - band.start) * ow..][..ow];
+        line[..xs.start].fill(0.0);
+        line[xs.end..].fill(0.0);
+    }
+}
+
+/// Adds columns `[cg · K · K, band · OW]` for output rows `band` back into
+/// one image's `dx`.
+fn col2im(cols: &[f32], dx: &mut [f32], c0: usize, cg: usize, win: &Window, band: Range<usize>) {
+    let (k, plane) = (win.kernel, win.h * win.w);
+    let cells = band.len() * win.ow;
     for c in 0..cg {
         let dst = &mut dx[(c0 + c) * plane..][..plane];
         for ki in 0..k {
             for kj in 0..k {
                 let row = &cols[((c * k + ki) * k + kj) * cells..][..cells];
                 let xs = valid_columns(win, kj * win.dilation);
-                for oy in 0..win.oh {
+                for (r, oy) in band.clone().enumerate() {
                     let iy = (oy * win.stride + ki * win.dilation).checked_sub(win.top);
-                    let Some(iy) = iy.filter(|&iy| iy < win.h) else {
+                    let Some(iy) = iy.filter(|&iy| iy < win.h && !xs.is_empty()) else {
                         continue;
                     };
-                    let src = &row[oy * win.ow..][xs.clone()];
+                    let src = &row[r * win.ow..][xs.clone()];
                     let line = &mut dst[iy * win.w..][..win.w];
                     let first = xs.start * win.stride + kj * win.dilation - win.left;
                     if win.stride == 1 {
@@ -430,9 +524,7 @@ unsafe fn conv(ctx: &Ctx, v: ValueId, inputs: &[ValueId], a: &ConvAttrs) {
     let (cg, og) = (d.cin / d.groups, d.cout / d.groups);
     let x_image = d.cin * d.win.h * d.win.w;
     chunks(ctx.threads, d.images, |_, images| {
-        let mut cols = ctx
-            .scratch
-            .take(if d.pointwise { 0 } else { d.rows * d.cells });
+        let mut cols = ctx.scratch.take(d.cols_len());
         for n in images {
             let x_n = &x[n * x_image..][..x_image];
             // SAFETY: image `n` of `y` belongs to this chunk alone.
@@ -445,20 +537,24 @@ unsafe fn conv(ctx: &Ctx, v: ValueId, inputs: &[ValueId], a: &ConvAttrs) {
                         row.fill(bias[g * og + o]);
                     }
                 }
-                let b = if d.pointwise {
-                    x_n[g * cg * d.cells..].as_ptr()
-                } else {
-                    im2col(x_n, g * cg, cg, &d.win, &mut cols);
-                    cols.as_ptr()
-                };
-                matmul(
-                    (og, d.cells, d.rows),
-                    dst.as_mut_ptr(),
-                    bias.is_some(),
-                    rows(w[g * og * d.rows..].as_ptr(), d.rows),
-                    rows(b, d.cells),
-                    Parallelism::None,
-                );
+                for band in d.bands() {
+                    let first = band.start * d.win.ow;
+                    let width = band.len() * d.win.ow;
+                    let b = if d.pointwise {
+                        x_n[g * cg * d.cells + first..].as_ptr()
+                    } else {
+                        im2col(x_n, g * cg, cg, &d.win, band, &mut cols);
+                        cols.as_ptr()
+                    };
+                    matmul_into(
+                        (og, width, d.rows),
+                        rows(dst[first..].as_mut_ptr(), d.cells),
+                        bias.is_some(),
+                        rows(w[g * og * d.rows..].as_ptr(), d.rows),
+                        rows(b, if d.pointwise { d.cells } else { width }),
+                        Parallelism::None,
+                    );
+                }
             }
         }
         ctx.scratch.give(cols);
@@ -472,9 +568,7 @@ unsafe fn conv_grad_input(ctx: &Ctx, v: ValueId, dy: ValueId, w: ValueId, a: &Co
     let (cg, og) = (d.cin / d.groups, d.cout / d.groups);
     let x_image = d.cin * d.win.h * d.win.w;
     chunks(ctx.threads, d.images, |_, images| {
-        let mut cols = ctx
-            .scratch
-            .take(if d.pointwise { 0 } else { d.rows * d.cells });
+        let mut cols = ctx.scratch.take(d.cols_len());
         for n in images {
             // SAFETY: image `n` of `dx` belongs to this chunk alone.
             let dx_n = std::slice::from_raw_parts_mut(dx.get().add(n * x_image), x_image);
@@ -483,21 +577,25 @@ unsafe fn conv_grad_input(ctx: &Ctx, v: ValueId, dy: ValueId, w: ValueId, a: &Co
             }
             for g in 0..d.groups {
                 let dy_g = dys[(n * d.cout + g * og) * d.cells..].as_ptr();
-                let dst = if d.pointwise {
-                    dx_n[g * cg * d.cells..].as_mut_ptr()
-                } else {
-                    cols.as_mut_ptr()
-                };
-                matmul(
-                    (d.rows, d.cells, og),
-                    dst,
-                    false,
-                    transposed(ws[g * og * d.rows..].as_ptr(), d.rows),
-                    rows(dy_g, d.cells),
-                    Parallelism::None,
-                );
-                if !d.pointwise {
-                    col2im(&cols, dx_n, g * cg, cg, &d.win);
+                for band in d.bands() {
+                    let first = band.start * d.win.ow;
+                    let width = band.len() * d.win.ow;
+                    let dst = if d.pointwise {
+                        rows(dx_n[g * cg * d.cells + first..].as_mut_ptr(), d.cells)
+                    } else {
+                        rows(cols.as_mut_ptr(), width)
+                    };
+                    matmul_into(
+                        (d.rows, width, og),
+                        dst,
+                        false,
+                        transposed(ws[g * og * d.rows..].as_ptr(), d.rows),
+                        rows(dy_g.add(first), d.cells),
+                        Parallelism::None,
+                    );
+                    if !d.pointwise {
+                        col2im(&cols, dx_n, g * cg, cg, &d.win, band);
+                    }
                 }
             }
         }
@@ -512,8 +610,7 @@ unsafe fn conv_grad_weight(ctx: &Ctx, v: ValueId, dy: ValueId, x: ValueId, a: &C
     let (cg, og) = (d.cin / d.groups, d.cout / d.groups);
     let x_image = d.cin * d.win.h * d.win.w;
     let threads = ctx.threads.clamp(1, d.images.max(1));
-    // Every chunk overwrites its partial sum with its first image's
-    // product, and chunks that get no image keep zeros.
+    // Every chunk starts from zeros, and chunks that get no image keep them.
     let partials: Vec<std::sync::Mutex<Vec<f32>>> = (0..threads)
         .map(|_| {
             let mut buffer = ctx.scratch.take(dw.len());
@@ -523,27 +620,31 @@ unsafe fn conv_grad_weight(ctx: &Ctx, v: ValueId, dy: ValueId, x: ValueId, a: &C
         .collect();
     chunks(threads, d.images, |t, images| {
         let mut partial = partials[t].lock().expect("one chunk per partial");
-        let mut cols = ctx
-            .scratch
-            .take(if d.pointwise { 0 } else { d.rows * d.cells });
-        let first = images.start;
+        let mut cols = ctx.scratch.take(d.cols_len());
         for n in images {
             let x_n = &xs[n * x_image..][..x_image];
             for g in 0..d.groups {
-                let b = if d.pointwise {
-                    x_n[g * cg * d.cells..].as_ptr()
-                } else {
-                    im2col(x_n, g * cg, cg, &d.win, &mut cols);
-                    cols.as_ptr()
-                };
-                matmul(
-                    (og, d.rows, d.cells),
-                    partial[g * og * d.rows..].as_mut_ptr(),
-                    n != first,
-                    rows(dys[(n * d.cout + g * og) * d.cells..].as_ptr(), d.cells),
-                    transposed(b, d.cells),
-                    Parallelism::None,
-                );
+                for band in d.bands() {
+                    let first = band.start * d.win.ow;
+                    let width = band.len() * d.win.ow;
+                    let b = if d.pointwise {
+                        transposed(x_n[g * cg * d.cells + first..].as_ptr(), d.cells)
+                    } else {
+                        im2col(x_n, g * cg, cg, &d.win, band, &mut cols);
+                        transposed(cols.as_ptr(), width)
+                    };
+                    matmul(
+                        (og, d.rows, width),
+                        partial[g * og * d.rows..].as_mut_ptr(),
+                        true,
+                        rows(
+                            dys[(n * d.cout + g * og) * d.cells + first..].as_ptr(),
+                            d.cells,
+                        ),
+                        b,
+                        Parallelism::None,
+                    );
+                }
             }
         }
         ctx.scratch.give(cols);
@@ -1113,4 +1214,94 @@ pub unsafe fn batchnorm_grad(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// im2col one output line at a time, straight from the window's
+    /// definition.
+    fn im2col_by_definition(x: &[f32], cg: usize, win: &Window) -> Vec<f32> {
+        let k = win.kernel;
+        let cells = win.oh * win.ow;
+        let mut cols = vec![0.0; cg * k * k * cells];
+        for c in 0..cg {
+            for ki in 0..k {
+                for kj in 0..k {
+                    for oy in 0..win.oh {
+                        for ox in 0..win.ow {
+                            if let Some((iy, ix)) = win.source(oy, ox, ki, kj) {
+                                let row = (c * k + ki) * k + kj;
+                                cols[row * cells + oy * win.ow + ox] =
+                                    x[(c * win.h + iy) * win.w + ix];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        cols
+    }
+
+    proptest! {
+        /// Banded im2col, with and without the single-shift fast path,
+        /// agrees with the definition, and col2im adds back exactly what
+        /// the definition's transpose does.
+        #[test]
+        fn banded_im2col_matches_definition(
+            (h, w) in (1usize..9, 1usize..9),
+            kernel in 1usize..4,
+            stride in 1usize..3,
+            dilation in 1usize..3,
+            pads in [0usize..3, 0usize..3, 0usize..3, 0usize..3],
+            band in 1usize..5,
+        ) {
+            let span = (kernel - 1) * dilation + 1;
+            let (hp, wp) = (h + pads[0] + pads[1], w + pads[2] + pads[3]);
+            prop_assume!(hp >= span && wp >= span);
+            let win = Window {
+                h,
+                w,
+                oh: (hp - span) / stride + 1,
+                ow: (wp - span) / stride + 1,
+                kernel,
+                stride,
+                dilation,
+                top: pads[0],
+                left: pads[2],
+            };
+            let cg = 2;
+            let x: Vec<f32> = (0..cg * h * w).map(|i| i as f32 + 1.0).collect();
+            let expected = im2col_by_definition(&x, cg, &win);
+
+            let rows = cg * kernel * kernel;
+            let cells = win.oh * win.ow;
+            let mut dx = vec![0.0; x.len()];
+            let mut dx_expected = vec![0.0; x.len()];
+            for start in (0..win.oh).step_by(band) {
+                let lines = start..(start + band).min(win.oh);
+                let width = lines.len() * win.ow;
+                let mut cols = vec![f32::NAN; rows * width];
+                im2col(&x, 0, cg, &win, lines.clone(), &mut cols);
+                for r in 0..rows {
+                    let got = &cols[r * width..][..width];
+                    let want = &expected[r * cells + start * win.ow..][..width];
+                    prop_assert_eq!(got, want, "row {} of band {:?}", r, lines);
+                }
+                col2im(&cols, &mut dx, 0, cg, &win, lines);
+            }
+            for (row, values) in expected.chunks_exact(cells).enumerate() {
+                let (c, tap) = (row / (kernel * kernel), row % (kernel * kernel));
+                for (cell, v) in values.iter().enumerate() {
+                    let (oy, ox) = (cell / win.ow, cell % win.ow);
+                    if let Some((iy, ix)) = win.source(oy, ox, tap / kernel, tap % kernel) {
+                        dx_expected[(c * h + iy) * w + ix] += v;
+                    }
+                }
+            }
+            prop_assert_eq!(dx, dx_expected);
+        }
+    }
 }
