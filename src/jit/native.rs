@@ -15,6 +15,7 @@ use crate::interp::ops::{conv_window, pool_window, Window};
 use crate::interp::{self, Tensor};
 use crate::ir::{ConvAttrs, Graph, Op, PoolAttrs, PoolKind, ValueId};
 use gemm::Parallelism;
+use multiversion::multiversion;
 use ndarray::IxDyn;
 use std::ops::Range;
 
@@ -406,6 +407,10 @@ fn valid_columns(win: &Window, offset: usize) -> Range<usize> {
 /// Unfolds channels `c0..c0 + cg` of one image `[C, H, W]`, for output rows
 /// `band`, into `cols` `[cg · K · K, band · OW]`, with zeros for taps in the
 /// padding.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512bw+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
 fn im2col(x: &[f32], c0: usize, cg: usize, win: &Window, band: Range<usize>, cols: &mut [f32]) {
     let (k, plane) = (win.kernel, win.h * win.w);
     let cells = band.len() * win.ow;
@@ -449,6 +454,10 @@ fn im2col(x: &[f32], c0: usize, cg: usize, win: &Window, band: Range<usize>, col
 /// fixed offset, so the row is a single copy, after which the few cells
 /// that wrapped around a line edge and the lines in the padding are zeroed.
 /// This replaces one short copy per output line.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512bw+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
 fn shifted_rows(
     src: &[f32],
     win: &Window,
@@ -483,6 +492,10 @@ fn shifted_rows(
 
 /// Adds columns `[cg · K · K, band · OW]` for output rows `band` back into
 /// one image's `dx`.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512bw+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
 fn col2im(cols: &[f32], dx: &mut [f32], c0: usize, cg: usize, win: &Window, band: Range<usize>) {
     let (k, plane) = (win.kernel, win.h * win.w);
     let cells = band.len() * win.ow;
@@ -709,17 +722,65 @@ impl Padded {
     }
 }
 
-/// `out[oy, ·] += Σ taps · padded[oy + ki·d, kj·d + ·]` over a plane.
-fn correlate(padded: &[f32], geometry: &Padded, win: &Window, taps: &[f32], out: &mut [f32]) {
-    let (k, d, ow) = (win.kernel, win.dilation, win.ow);
-    for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
-        for ki in 0..k {
-            let line = &padded[(oy + ki * d) * geometry.pw..][..geometry.pw];
-            for kj in 0..k {
-                let t = taps[ki * k + kj];
-                for (o, v) in row.iter_mut().zip(&line[kj * d..kj * d + ow]) {
-                    *o += t * v;
-                }
+/// `out[oy, ·] = init + Σ taps · padded[oy + ki·d, kj·d + ·]` over a plane.
+///
+/// Every tap reads the padded plane at one fixed offset, so each tap is one
+/// long multiply-add over `wide`, the output with the padded plane's row
+/// stride; rows of 28 would leave 512-bit loops mostly in their scalar
+/// tails. The extra columns are computed and dropped.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512bw+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn correlate(
+    padded: &[f32],
+    geometry: &Padded,
+    win: &Window,
+    (taps, init): (&[f32], f32),
+    out: &mut [f32],
+    wide: &mut [f32],
+) {
+    let (k, d, pw, ow) = (win.kernel, win.dilation, geometry.pw, win.ow);
+    let len = (win.oh - 1) * pw + ow;
+    let wide = &mut wide[..len];
+    wide.fill(init);
+    for ki in 0..k {
+        for kj in 0..k {
+            let t = taps[ki * k + kj];
+            let source = &padded[ki * d * pw + kj * d..][..len];
+            for (o, v) in wide.iter_mut().zip(source) {
+                *o += t * v;
+            }
+        }
+    }
+    for (row, line) in out.chunks_exact_mut(ow).zip(wide.chunks(pw)) {
+        row.copy_from_slice(&line[..ow]);
+    }
+}
+
+/// `lanes[tap, ·] += dy[oy, ·] · padded[oy + ki·d, kj·d + ·]` over a plane,
+/// with `dy` laid out at the padded row stride and zeros in the extra
+/// columns, so each tap is one long vertical multiply-add and the
+/// horizontal sum happens once per plane.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512bw+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn accumulate_taps(
+    padded: &[f32],
+    geometry: &Padded,
+    win: &Window,
+    dy_wide: &[f32],
+    lanes: &mut [f32],
+) {
+    let (k, d, pw) = (win.kernel, win.dilation, geometry.pw);
+    let len = (win.oh - 1) * pw + win.ow;
+    for ki in 0..k {
+        for kj in 0..k {
+            let lane = &mut lanes[(ki * k + kj) * len..][..len];
+            let source = &padded[ki * d * pw + kj * d..][..len];
+            for ((l, g), v) in lane.iter_mut().zip(&dy_wide[..len]).zip(source) {
+                *l += g * v;
             }
         }
     }
@@ -736,15 +797,17 @@ unsafe fn depthwise(ctx: &Ctx, v: ValueId, inputs: &[ValueId], a: &ConvAttrs) {
     if let Some(geometry) = Padded::of(win) {
         chunks(ctx.threads, d.images * d.cin, |_, planes| {
             let mut buffer = ctx.scratch.take(geometry.ph * geometry.pw);
+            let mut wide = ctx.scratch.take(geometry.ph * geometry.pw);
             for p in planes {
                 let c = p % d.cin;
                 let at = (win.top as isize, win.left as isize);
                 geometry.fill(&x[p * plane..][..plane], (win.h, win.w), at, &mut buffer);
                 // SAFETY: plane `p` of `y` belongs to this chunk alone.
                 let dst = std::slice::from_raw_parts_mut(y.get().add(p * d.cells), d.cells);
-                dst.fill(bias.map_or(0.0, |b| b[c]));
-                correlate(&buffer, &geometry, win, &w[c * kk..][..kk], dst);
+                let filter = (&w[c * kk..][..kk], bias.map_or(0.0, |b| b[c]));
+                correlate(&buffer, &geometry, win, filter, dst, &mut wide);
             }
+            ctx.scratch.give(wide);
             ctx.scratch.give(buffer);
         });
         return;
@@ -819,6 +882,7 @@ unsafe fn depthwise_grad_input(ctx: &Ctx, v: ValueId, dy: ValueId, w: ValueId, a
         };
         chunks(ctx.threads, d.images * d.cin, |_, planes| {
             let mut buffer = ctx.scratch.take(geometry.ph * geometry.pw);
+            let mut wide = ctx.scratch.take(geometry.ph * geometry.pw);
             let mut taps = vec![0f32; kk];
             for p in planes {
                 let c = p % d.cin;
@@ -834,9 +898,9 @@ unsafe fn depthwise_grad_input(ctx: &Ctx, v: ValueId, dy: ValueId, w: ValueId, a
                 );
                 // SAFETY: plane `p` of `dx` belongs to this chunk alone.
                 let dst = std::slice::from_raw_parts_mut(dx.get().add(p * plane), plane);
-                dst.fill(0.0);
-                correlate(&buffer, &geometry, &flipped, &taps, dst);
+                correlate(&buffer, &geometry, &flipped, (&taps, 0.0), dst, &mut wide);
             }
+            ctx.scratch.give(wide);
             ctx.scratch.give(buffer);
         });
         return;
@@ -874,25 +938,29 @@ unsafe fn depthwise_grad_weight(ctx: &Ctx, v: ValueId, dy: ValueId, x: ValueId, 
     let dw = Ptr(ctx.write(v).as_mut_ptr());
     let (win, kk, plane) = (&d.win, a.kernel * a.kernel, d.win.h * d.win.w);
     if let Some(geometry) = Padded::of(win) {
-        let (k, dil, ow) = (win.kernel, win.dilation, win.ow);
         chunks(ctx.threads, d.cin, |_, channels| {
+            let len = (win.oh - 1) * geometry.pw + win.ow;
             let mut buffer = ctx.scratch.take(geometry.ph * geometry.pw);
+            let mut dy_wide = ctx.scratch.take(geometry.ph * geometry.pw);
+            let mut lanes = ctx.scratch.take(kk * len);
+            // The extra columns of `dy_wide` stay zero.
+            dy_wide.fill(0.0);
             for c in channels {
                 let mut sums = vec![0f64; kk];
                 for n in 0..d.images {
                     let p = n * d.cin + c;
                     let at = (win.top as isize, win.left as isize);
                     geometry.fill(&xs[p * plane..][..plane], (win.h, win.w), at, &mut buffer);
-                    let g = &dys[p * d.cells..][..d.cells];
-                    for (oy, grads) in g.chunks_exact(ow).enumerate() {
-                        for ki in 0..k {
-                            let line = &buffer[(oy + ki * dil) * geometry.pw..][..geometry.pw];
-                            for kj in 0..k {
-                                let s =
-                                    lanes_dot(grads, &line[kj * dil..kj * dil + ow], |g, v| g * v);
-                                sums[ki * k + kj] += s as f64;
-                            }
-                        }
+                    let dy = &dys[p * d.cells..][..d.cells];
+                    for (line, g) in dy_wide.chunks_mut(geometry.pw).zip(dy.chunks_exact(win.ow)) {
+                        line[..win.ow].copy_from_slice(g);
+                    }
+                    lanes.fill(0.0);
+                    accumulate_taps(&buffer, &geometry, win, &dy_wide, &mut lanes);
+                    // Each image's partial sums go into f64, so long batches
+                    // lose no more precision than one image's plane does.
+                    for (sum, lane) in sums.iter_mut().zip(lanes.chunks_exact(len)) {
+                        *sum += lanes_sum(lane, |v| v) as f64;
                     }
                 }
                 for (i, s) in sums.iter().enumerate() {
@@ -900,6 +968,8 @@ unsafe fn depthwise_grad_weight(ctx: &Ctx, v: ValueId, dy: ValueId, x: ValueId, 
                     *dw.get().add(c * kk + i) = *s as f32;
                 }
             }
+            ctx.scratch.give(lanes);
+            ctx.scratch.give(dy_wide);
             ctx.scratch.give(buffer);
         });
         return;
@@ -1114,6 +1184,50 @@ fn lanes_dot(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512bw+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn plane_sum(values: &[f32]) -> f32 {
+    lanes_sum(values, |v| v)
+}
+
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512bw+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn plane_squares(values: &[f32], mean: f32) -> f32 {
+    lanes_sum(values, |v| (v - mean) * (v - mean))
+}
+
+/// `Σ dy · x̂` over a plane, with `x̂ = (x - mean) · inv`.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512bw+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn plane_dot_xhat(dy: &[f32], x: &[f32], (mean, inv): (f32, f32)) -> f32 {
+    lanes_dot(dy, x, |g, v| g * (v - mean) * inv)
+}
+
+/// One plane of batch normalization's input gradient,
+/// `k · (m · dy - Σ dy - x̂ · Σ dy·x̂)`.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512bw+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn plane_batchnorm_dx(
+    dx: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    (mean, inv): (f32, f32),
+    (k, m, sum, sum_xhat): (f32, f32, f32, f32),
+) {
+    for ((d, g), v) in dx.iter_mut().zip(dy).zip(x) {
+        let xhat = (v - mean) * inv;
+        *d = k * (m * g - sum - xhat * sum_xhat);
+    }
+}
+
 /// `(N, C, inner)` of a `[N, C, ...]` shape.
 fn planes(shape: &[usize]) -> (usize, usize, usize) {
     (shape[0], shape[1], shape[2..].iter().product())
@@ -1136,11 +1250,9 @@ pub unsafe fn batch_stats(ctx: &Ctx, mean: ValueId, var: ValueId) {
     chunks(ctx.threads, c, |_, channels| {
         for ch in channels {
             let runs = || (0..n).map(|i| &xs[(i * c + ch) * inner..][..inner]);
-            let sum: f64 = runs().map(|r| lanes_sum(r, |v| v) as f64).sum();
+            let sum: f64 = runs().map(|r| plane_sum(r) as f64).sum();
             let m = (sum / count) as f32;
-            let squares: f64 = runs()
-                .map(|r| lanes_sum(r, |v| (v - m) * (v - m)) as f64)
-                .sum();
+            let squares: f64 = runs().map(|r| plane_squares(r, m) as f64).sum();
             // SAFETY: channel `ch` belongs to this chunk alone.
             *means.get().add(ch) = m;
             *vars.get().add(ch) = (squares / count) as f32;
@@ -1185,8 +1297,8 @@ pub unsafe fn batchnorm_grad(
             for i in 0..n {
                 let at = (i * c + ch) * inner;
                 let (g, v) = (&dys[at..][..inner], &xs[at..][..inner]);
-                sum += lanes_sum(g, |g| g) as f64;
-                sum_xhat += lanes_dot(g, v, |g, v| g * (v - mu) * inv) as f64;
+                sum += plane_sum(g) as f64;
+                sum_xhat += plane_dot_xhat(g, v, (mu, inv)) as f64;
             }
             // SAFETY: channel `ch` of every output belongs to this chunk.
             if let Some(p) = dgamma {
@@ -1203,14 +1315,8 @@ pub unsafe fn batchnorm_grad(
             for i in 0..n {
                 let at = (i * c + ch) * inner;
                 let dst = std::slice::from_raw_parts_mut(dx.get().add(at), inner);
-                for ((d, g), v) in dst
-                    .iter_mut()
-                    .zip(&dys[at..][..inner])
-                    .zip(&xs[at..][..inner])
-                {
-                    let xhat = (v - mu) * inv;
-                    *d = k * (m * g - sum - xhat * sum_xhat);
-                }
+                let (g, v) = (&dys[at..][..inner], &xs[at..][..inner]);
+                plane_batchnorm_dx(dst, g, v, (mu, inv), (k, m, sum, sum_xhat));
             }
         }
     });
