@@ -1,10 +1,13 @@
 //! A TensorBoard event-file writer: `Event` protocol buffers (scalars,
-//! histograms, text) in TFRecord framing, as `tf.summary` writes them.
+//! histograms, text, and the HParams plugin's summaries in [`hparams`]) in
+//! TFRecord framing, as `tf.summary` writes them.
 //!
 //! The few protobuf messages needed are encoded by hand from their public
 //! definitions (`tensorflow/core/util/event.proto`,
 //! `tensorflow/core/framework/summary.proto`); field numbers are noted at
 //! each use.
+
+pub mod hparams;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
