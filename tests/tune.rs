@@ -288,6 +288,23 @@ fn storage_numbers_trials_and_reaps_dead_workers() {
         .as_deref()
         .unwrap()
         .starts_with(kiln::tune::UNFINISHED));
+
+    // A retry names the trial it repeats by number, as users see it, not
+    // by the database's row id.
+    assert_ne!(second.id, second.number, "row ids would pass for numbers");
+    let retry = storage
+        .claim(
+            NewTrial {
+                params: vec![("a".into(), "2".into())],
+                retry_of: Some(second.number),
+            },
+            &never,
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(retry.retry_of, Some(second.number));
+    let trials = storage.trials().unwrap();
+    assert_eq!(trials[2].retry_of, Some(second.number));
 }
 
 /// Gives trial `id` an owner process that cannot exist.
@@ -606,10 +623,22 @@ fn killed_sweep_resumes_without_losing_trials() {
     assert_eq!(killed.len(), 1, "{trials:#?}");
     let retry = trials
         .iter()
-        .find(|t| t.retry_of == Some(killed[0].id))
+        .find(|t| t.retry_of == Some(killed[0].number))
         .expect("a retry");
     assert_eq!(retry.params, killed[0].params);
     assert_eq!(retry.state, TrialState::Complete);
+
+    // `kiln study --json` names the retried trial by its number.
+    let out = kiln(&dir, &["study", "k.study", "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let retried: Vec<i64> = json["trials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["retry_of"].as_i64())
+        .collect();
+    assert_eq!(retried, vec![killed[0].number], "{json}");
     let mut numbers: Vec<i64> = trials.iter().map(|t| t.number).collect();
     numbers.dedup();
     assert_eq!(numbers.len(), trials.len(), "trial numbers repeat");

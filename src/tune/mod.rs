@@ -333,11 +333,11 @@ fn choose(
         t.state == TrialState::Failed
             && t.retry_of.is_none()
             && t.error.as_deref().unwrap_or("").starts_with(UNFINISHED)
-            && !retried.contains(&t.id)
+            && !retried.contains(&t.number)
     });
     if let Some(t) = retry {
         if let Some(point) = sampler::parse_point(&problem.space, &t.params) {
-            return Some((point, Some(t.id)));
+            return Some((point, Some(t.number)));
         }
     }
     let number = trials.iter().map(|t| t.number + 1).max().unwrap_or(0) as u64;
