@@ -1,6 +1,7 @@
 //! Sweeps: samplers on analytic objectives, the study database, and
 //! end-to-end `kiln tune` and `kiln study` runs on the digits data,
-//! including a sweep killed mid-trial and resumed.
+//! including a sweep killed mid-trial and resumed, and one whose TensorBoard
+//! summaries TensorBoard's HParams plugin reads.
 
 use kiln::check::check_source;
 use kiln::check::space::{Point, Space};
@@ -287,6 +288,23 @@ fn storage_numbers_trials_and_reaps_dead_workers() {
         .as_deref()
         .unwrap()
         .starts_with(kiln::tune::UNFINISHED));
+
+    // A retry names the trial it repeats by number, as users see it, not
+    // by the database's row id.
+    assert_ne!(second.id, second.number, "row ids would pass for numbers");
+    let retry = storage
+        .claim(
+            NewTrial {
+                params: vec![("a".into(), "2".into())],
+                retry_of: Some(second.number),
+            },
+            &never,
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(retry.retry_of, Some(second.number));
+    let trials = storage.trials().unwrap();
+    assert_eq!(trials[2].retry_of, Some(second.number));
 }
 
 /// Gives trial `id` an owner process that cannot exist.
@@ -417,6 +435,116 @@ fn tune_then_study_exports_a_valid_model() {
     );
 }
 
+/// A digits network with every kind of value TensorBoard's HParams plugin
+/// tells apart: numbers, names, booleans and a conditional parameter. Its
+/// budget rejects the points with `width = 64`.
+const DIGITS_HPARAMS: &str = "model digits_hparams {
+  input image: [1, 8, 8]
+  search {
+    width = choice(8, 64)
+    cell = choice(plain, wide)
+    expand = int(1, 2) when cell == wide
+    lr = float(0.03, 0.06, step = 0.03)
+    nesterov = choice(true, false)
+  }
+  block plain(x; filters) {
+    return conv(x, filters = filters, kernel = 3, padding = same) |> relu
+  }
+  block wide(x; filters) {
+    return conv(x, filters = filters * expand, kernel = 3, padding = same) |> relu
+  }
+  x = cell(image, filters = width) |> maxpool(size = 2)
+  logits = flatten(x) |> dense(units = 10)
+  output logits: [10]
+  train {
+    optimizer = sgd(lr = lr, momentum = 0.9, nesterov = nesterov)
+    batch_size = 64
+    epochs = 2
+  }
+  budget {
+    params = 6000
+  }
+}
+";
+
+/// TensorBoard's HParams plugin (the `tensorboard` Python package) reads the
+/// experiment of `kiln tune --logdir` and a session for every trial.
+#[test]
+fn tune_logdir_feeds_hparams_dashboard() {
+    let dir = temp_dir("hparams");
+    std::fs::write(dir.join("m.model"), DIGITS_HPARAMS).unwrap();
+    let data = digits();
+    // One single-threaded job and the grid sampler make the sweep
+    // deterministic: with seed 0 it has complete, pruned and rejected
+    // trials.
+    let out = kiln(
+        &dir,
+        &[
+            "tune",
+            "m.model",
+            "--data",
+            &data,
+            "--trials",
+            "6",
+            "--sampler",
+            "grid",
+            "--jobs",
+            "1",
+            "--threads",
+            "1",
+            "--seed",
+            "0",
+            "--study",
+            "h.study",
+            "--logdir",
+            "logs",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let trials = trials_in(&dir.join("h.study"));
+    for state in [
+        TrialState::Complete,
+        TrialState::Pruned,
+        TrialState::Rejected,
+    ] {
+        assert!(
+            trials.iter().any(|t| t.state == state),
+            "no {} trial, so its session status goes unchecked: {trials:#?}",
+            state.as_str()
+        );
+    }
+
+    let out = kiln(&dir, &["study", "h.study", "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    std::fs::write(dir.join("study.json"), &out.stdout).unwrap();
+    let check = Command::new("python3")
+        .arg("tests/tensorboard_hparams_check.py")
+        .arg(dir.join("logs"))
+        .arg(dir.join("study.json"))
+        .args([
+            "epoch/val_accuracy",
+            "width",
+            "cell",
+            "expand",
+            "lr",
+            "nesterov",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("python3 runs");
+    assert!(
+        check.status.success(),
+        "{}{}\n(install the reader with `python3 -m pip install tensorboard`)",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
 #[test]
 fn killed_sweep_resumes_without_losing_trials() {
     let dir = temp_dir("kill");
@@ -495,10 +623,22 @@ fn killed_sweep_resumes_without_losing_trials() {
     assert_eq!(killed.len(), 1, "{trials:#?}");
     let retry = trials
         .iter()
-        .find(|t| t.retry_of == Some(killed[0].id))
+        .find(|t| t.retry_of == Some(killed[0].number))
         .expect("a retry");
     assert_eq!(retry.params, killed[0].params);
     assert_eq!(retry.state, TrialState::Complete);
+
+    // `kiln study --json` names the retried trial by its number.
+    let out = kiln(&dir, &["study", "k.study", "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let retried: Vec<i64> = json["trials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["retry_of"].as_i64())
+        .collect();
+    assert_eq!(retried, vec![killed[0].number], "{json}");
     let mut numbers: Vec<i64> = trials.iter().map(|t| t.number).collect();
     numbers.dedup();
     assert_eq!(numbers.len(), trials.len(), "trial numbers repeat");

@@ -94,6 +94,10 @@ pub struct TuneArgs {
     /// folder. An existing study is resumed.
     #[arg(long)]
     pub study: Option<PathBuf>,
+    /// Write TensorBoard summaries here: the HParams dashboard's experiment,
+    /// and each trial's session and training summaries in `trial-<number>/`.
+    #[arg(long)]
+    pub logdir: Option<PathBuf>,
     /// Print only errors and the final summary.
     #[arg(long)]
     pub quiet: bool,
@@ -270,6 +274,7 @@ fn run_tune(args: TuneArgs) -> Result<u8, (u8, String)> {
         metric,
         timeout: args.timeout.map(Duration::from_secs),
         trial_dir: trials_dir(&study_path),
+        logdir: args.logdir.clone(),
         val_split: args.val_split,
         limit: args.limit,
     };

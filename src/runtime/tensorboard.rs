@@ -1,14 +1,18 @@
 //! A TensorBoard event-file writer: `Event` protocol buffers (scalars,
-//! histograms, text) in TFRecord framing, as `tf.summary` writes them.
+//! histograms, text, and the HParams plugin's summaries in [`hparams`]) in
+//! TFRecord framing, as `tf.summary` writes them.
 //!
 //! The few protobuf messages needed are encoded by hand from their public
 //! definitions (`tensorflow/core/util/event.proto`,
 //! `tensorflow/core/framework/summary.proto`); field numbers are noted at
 //! each use.
 
-use std::fs::File;
+pub mod hparams;
+
+use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Appends protobuf fields to a buffer.
 #[derive(Default)]
@@ -71,22 +75,47 @@ fn wall_time() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// Numbers the event files this process creates, so that files created in
+/// the same second get distinct names.
+static NEXT_FILE: AtomicU64 = AtomicU64::new(0);
+
+/// Creates a new event file in `dir`, never replacing an existing one.
+///
+/// Names are `events.out.tfevents.<time>.<host>.<pid>.<sequence>.kiln`.
+/// TensorBoard reads the event files of a folder in name order and moves
+/// to a later file as soon as one exists, so the zero-padded sequence
+/// number keeps the files of one process in the order it wrote them.
+fn create_file(dir: &Path) -> std::io::Result<(File, PathBuf)> {
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "localhost".into());
+    loop {
+        let name = format!(
+            "events.out.tfevents.{}.{}.{}.{:06}.kiln",
+            wall_time() as u64,
+            host.trim(),
+            std::process::id(),
+            NEXT_FILE.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = dir.join(name);
+        match OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(file) => return Ok((file, path)),
+            // Another process with the same id wrote to this folder in the
+            // same second; the next sequence number gives another name.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 impl EventWriter {
-    /// Creates `events.out.tfevents.<time>.<host>.kiln` in `dir`.
+    /// Creates a new event file in `dir` (see [`create_file`] for its name).
     ///
     /// # Errors
     /// When the folder or file cannot be created.
     pub fn create(dir: &Path) -> std::io::Result<EventWriter> {
         std::fs::create_dir_all(dir)?;
-        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "localhost".into());
-        let name = format!(
-            "events.out.tfevents.{}.{}.kiln",
-            wall_time() as u64,
-            host.trim()
-        );
-        let path = dir.join(name);
+        let (file, path) = create_file(dir)?;
         let mut writer = EventWriter {
-            out: BufWriter::new(File::create(&path)?),
+            out: BufWriter::new(file),
             path,
         };
         // Event.file_version = 3.

@@ -12,6 +12,7 @@ pub mod pruner;
 pub mod report;
 pub mod sampler;
 pub mod storage;
+pub mod tensorboard;
 
 use crate::check::space::{Point, Space};
 use crate::check::{Budget, Program};
@@ -22,7 +23,7 @@ use crate::runtime::Output;
 use crate::runtime::{self, TrainSetup};
 use pruner::Pruner;
 use sampler::{Direction, Draws, Observation, SamplerKind};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -89,6 +90,9 @@ pub struct TuneConfig {
     pub timeout: Option<Duration>,
     /// Checkpoints go to `trial_dir/trial-N`.
     pub trial_dir: PathBuf,
+    /// TensorBoard summaries: the HParams experiment, and each trial's
+    /// session and training summaries in `logdir/trial-N`.
+    pub logdir: Option<PathBuf>,
     pub val_split: f64,
     /// `--limit`: the data holds only the first this many training
     /// samples. Checkpoints record it, so the validation split can be
@@ -155,6 +159,14 @@ pub fn run(
         }
         _ => Vec::new(),
     };
+    if let Some(logdir) = &config.logdir {
+        tensorboard::write_experiment(logdir, &problem.space, config.metric).map_err(|e| {
+            TuneError::Setup(format!(
+                "cannot write TensorBoard summaries in `{}`: {e}",
+                logdir.display()
+            ))
+        })?;
+    }
     let errors: Mutex<Vec<TuneError>> = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
         for _ in 0..config.jobs.max(1) {
@@ -185,11 +197,17 @@ fn worker(
         let Some(next) = claim_next(problem, config, shared, grid, events)? else {
             return Ok(());
         };
+        write_summaries(config, next.trial.number, |logdir| {
+            tensorboard::start_session(logdir, &problem.space, &next.trial, &next.point)
+        });
         let end = run_trial(problem, config, shared, &next, interrupt);
         let mut storage = shared.lock().expect("storage lock");
         storage.finish(next.trial.id, &end)?;
         let trials = storage.trials()?;
         drop(storage);
+        write_summaries(config, next.trial.number, |logdir| {
+            tensorboard::end_session(logdir, next.trial.number, end.state)
+        });
         if let Some(trial) = trials.iter().find(|t| t.id == next.trial.id) {
             events(Event::Finished {
                 trial,
@@ -198,6 +216,27 @@ fn worker(
         }
     }
     Ok(())
+}
+
+/// Runs `write` on the sweep's `--logdir`, if it has one. A failed write
+/// is logged and does not stop the sweep, because the study database, not
+/// the summaries, is the record of the trials.
+fn write_summaries(
+    config: &TuneConfig,
+    number: i64,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
+) {
+    let Some(logdir) = &config.logdir else {
+        return;
+    };
+    if let Err(e) = write(logdir) {
+        tracing::warn!(
+            trial = number,
+            logdir = %logdir.display(),
+            error = %e,
+            "cannot write TensorBoard summaries"
+        );
+    }
 }
 
 fn finished(trials: &[Trial]) -> usize {
@@ -237,6 +276,14 @@ fn claim_next(
             "trial {} was left running by a stopped process; marked failed",
             dead.number
         )));
+        // Only a session that was started gets an end: a sweep without
+        // --logdir may have run the trial.
+        write_summaries(config, dead.number, |logdir| {
+            if !tensorboard::run_dir(logdir, dead.number).is_dir() {
+                return Ok(());
+            }
+            tensorboard::end_session(logdir, dead.number, TrialState::Failed)
+        });
     }
     let trials = storage.trials()?;
     if failures(&trials) >= max_failures {
@@ -286,11 +333,11 @@ fn choose(
         t.state == TrialState::Failed
             && t.retry_of.is_none()
             && t.error.as_deref().unwrap_or("").starts_with(UNFINISHED)
-            && !retried.contains(&t.id)
+            && !retried.contains(&t.number)
     });
     if let Some(t) = retry {
         if let Some(point) = sampler::parse_point(&problem.space, &t.params) {
-            return Some((point, Some(t.id)));
+            return Some((point, Some(t.number)));
         }
     }
     let number = trials.iter().map(|t| t.number + 1).max().unwrap_or(0) as u64;
@@ -409,7 +456,10 @@ fn train_trial(
         val_split: config.val_split,
         limit: config.limit,
         checkpoint_dir: checkpoint_dir.clone(),
-        logdir: None,
+        logdir: config
+            .logdir
+            .as_ref()
+            .map(|dir| tensorboard::run_dir(dir, next.trial.number)),
         log_every: 50,
         output: Output::Quiet,
         resume: None,

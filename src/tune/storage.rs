@@ -91,7 +91,7 @@ pub struct Trial {
     pub epochs: Vec<f64>,
     pub error: Option<String>,
     pub checkpoint: Option<String>,
-    /// The trial this one repeats after its worker died.
+    /// The number of the trial this one repeats after its worker died.
     pub retry_of: Option<i64>,
     pub started: f64,
     pub finished: Option<f64>,
@@ -106,6 +106,7 @@ impl Trial {
 /// The parameters of a trial to claim.
 pub struct NewTrial {
     pub params: Vec<(String, String)>,
+    /// The number of the trial this one repeats.
     pub retry_of: Option<i64>,
 }
 
@@ -337,9 +338,13 @@ impl SqliteStorage {
     }
 
     fn load_trials(conn: &Connection, study: i64) -> Result<Vec<Trial>, StorageError> {
+        // The `retry_of` column stores the retried trial's row id, which
+        // users never see, so it is read back as that trial's number.
         let mut stmt = conn.prepare(
-            "SELECT id, number, state, params, value, test_accuracy, error, checkpoint, retry_of, started, finished
-             FROM trials WHERE study = ?1 ORDER BY number",
+            "SELECT t.id, t.number, t.state, t.params, t.value, t.test_accuracy, t.error, t.checkpoint,
+                    retried.number, t.started, t.finished
+             FROM trials t LEFT JOIN trials retried ON retried.id = t.retry_of
+             WHERE t.study = ?1 ORDER BY t.number",
         )?;
         let rows = stmt.query_map([study], |r| {
             Ok((
@@ -420,7 +425,8 @@ impl Storage for SqliteStorage {
         let started = now();
         tx.execute(
             "INSERT INTO trials (study, number, state, params, owner, retry_of, started)
-             VALUES (?1, ?2, 'running', ?3, ?4, ?5, ?6)",
+             VALUES (?1, ?2, 'running', ?3, ?4,
+                     (SELECT id FROM trials WHERE study = ?1 AND number = ?5), ?6)",
             params![
                 self.study,
                 number,
