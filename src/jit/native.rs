@@ -264,6 +264,7 @@ pub unsafe fn run_single(ctx: &Ctx, v: ValueId) {
                 *m = if u < *rate { 0.0 } else { keep };
             }
         }
+        Op::BiasGrad => bias_grad(ctx, v, input(0)),
         Op::Pool(a) => pool(ctx, v, input(0), a),
         Op::PoolGrad(a) => pool_grad(ctx, v, input(0), input(1), a),
         Op::GlobalAvgPool => {
@@ -496,14 +497,25 @@ fn shifted_rows(
     "x86_64+avx512f+avx512vl+avx512bw+avx512dq+avx2+fma",
     "x86_64+avx2+fma"
 ))]
-fn col2im(cols: &[f32], dx: &mut [f32], c0: usize, cg: usize, win: &Window, band: Range<usize>) {
+fn col2im(
+    cols: &mut [f32],
+    dx: &mut [f32],
+    c0: usize,
+    cg: usize,
+    win: &Window,
+    band: Range<usize>,
+) {
     let (k, plane) = (win.kernel, win.h * win.w);
     let cells = band.len() * win.ow;
     for c in 0..cg {
         let dst = &mut dx[(c0 + c) * plane..][..plane];
         for ki in 0..k {
             for kj in 0..k {
-                let row = &cols[((c * k + ki) * k + kj) * cells..][..cells];
+                let row = &mut cols[((c * k + ki) * k + kj) * cells..][..cells];
+                if win.stride == 1 && win.ow == win.w {
+                    add_shifted_rows(row, win, band.clone(), (ki, kj), dst);
+                    continue;
+                }
                 let xs = valid_columns(win, kj * win.dilation);
                 for (r, oy) in band.clone().enumerate() {
                     let iy = (oy * win.stride + ki * win.dilation).checked_sub(win.top);
@@ -526,6 +538,45 @@ fn col2im(cols: &[f32], dx: &mut [f32], c0: usize, cg: usize, win: &Window, band
                 }
             }
         }
+    }
+}
+
+/// The transpose of [`shifted_rows`]: adds one im2col row back into an
+/// input plane with a single long add. The cells that would wrap around a
+/// line edge are zeroed in `row` first, so they add nothing.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512bw+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn add_shifted_rows(
+    row: &mut [f32],
+    win: &Window,
+    band: Range<usize>,
+    (ki, kj): (usize, usize),
+    plane: &mut [f32],
+) {
+    let ow = win.ow;
+    let dy = ki * win.dilation;
+    let xs = valid_columns(win, kj * win.dilation);
+    let lines_lo = win.top.saturating_sub(dy).max(band.start);
+    let lines_hi = (win.h + win.top).saturating_sub(dy).min(band.end);
+    if lines_lo >= lines_hi || xs.is_empty() {
+        return;
+    }
+
+    for line in lines_lo..lines_hi {
+        let line = &mut row[(line - band.start) * ow..][..ow];
+        line[..xs.start].fill(0.0);
+        line[xs.end..].fill(0.0);
+    }
+    let first = (lines_lo - band.start) * ow + xs.start;
+    let last = (lines_hi - 1 - band.start) * ow + xs.end;
+    let target = (lines_lo + dy - win.top) * win.w + xs.start + kj * win.dilation - win.left;
+    for (d, v) in plane[target..][..last - first]
+        .iter_mut()
+        .zip(&row[first..last])
+    {
+        *d += v;
     }
 }
 
@@ -607,7 +658,7 @@ unsafe fn conv_grad_input(ctx: &Ctx, v: ValueId, dy: ValueId, w: ValueId, a: &Co
                         Parallelism::None,
                     );
                     if !d.pointwise {
-                        col2im(&cols, dx_n, g * cg, cg, &d.win, band);
+                        col2im(&mut cols, dx_n, g * cg, cg, &d.win, band);
                     }
                 }
             }
@@ -1228,6 +1279,39 @@ fn plane_batchnorm_dx(
     }
 }
 
+/// The bias gradient, `Σ dy` per channel. Rows of a dense layer's `[N, U]`
+/// gradient are added in `f64` one whole row at a time, in the reference's
+/// order; convolution planes are summed like batch statistics.
+unsafe fn bias_grad(ctx: &Ctx, v: ValueId, dy: ValueId) {
+    let (n, c, inner) = planes(ctx.graph.shape(dy));
+    let dys = ctx.read(dy);
+    let mut sums = vec![0f64; c];
+    if inner == 1 {
+        for row in dys.chunks_exact(c) {
+            add_row_f64(&mut sums, row);
+        }
+    } else {
+        for i in 0..n {
+            for (ch, sum) in sums.iter_mut().enumerate() {
+                *sum += plane_sum(&dys[(i * c + ch) * inner..][..inner]) as f64;
+            }
+        }
+    }
+    for (out, sum) in ctx.write(v).iter_mut().zip(&sums) {
+        *out = *sum as f32;
+    }
+}
+
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512bw+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn add_row_f64(sums: &mut [f64], row: &[f32]) {
+    for (s, v) in sums.iter_mut().zip(row) {
+        *s += *v as f64;
+    }
+}
+
 /// `(N, C, inner)` of a `[N, C, ...]` shape.
 fn planes(shape: &[usize]) -> (usize, usize, usize) {
     (shape[0], shape[1], shape[2..].iter().product())
@@ -1396,7 +1480,7 @@ mod tests {
                     let want = &expected[r * cells + start * win.ow..][..width];
                     prop_assert_eq!(got, want, "row {} of band {:?}", r, lines);
                 }
-                col2im(&cols, &mut dx, 0, cg, &win, lines);
+                col2im(&mut cols, &mut dx, 0, cg, &win, lines);
             }
             for (row, values) in expected.chunks_exact(cells).enumerate() {
                 let (c, tap) = (row / (kernel * kernel), row % (kernel * kernel));
