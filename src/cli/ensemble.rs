@@ -201,6 +201,7 @@ fn train_seeds(
             verify: 0,
             on_epoch: None,
             split_seed: Some(split_seed),
+            bootstrap: false,
         };
         let summary = runtime::train(setup).map_err(|e| usage(e.to_string()))?;
         if !args.json {

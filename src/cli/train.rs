@@ -397,6 +397,7 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
         verify: args.verify.unwrap_or(0),
         on_epoch: None,
         split_seed: None,
+        bootstrap: false,
     };
     match runtime::train(setup) {
         Ok(summary) => {
