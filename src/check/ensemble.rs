@@ -16,6 +16,11 @@ const SETTINGS: &[&str] = &["members", "rule", "bootstrap"];
 const MEMBER_ARGS: &[&str] = &["seed", "bootstrap"];
 const RULES: &[&str] = &["mean", "logits", "vote"];
 
+/// The largest member count `seeds` and `top` accept. Every member is a
+/// full training run, so a larger count is a typo, and the checker builds
+/// one entry per member.
+const MAX_MEMBERS: i64 = 1024;
+
 /// A checked ensemble item.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EnsembleSpec {
@@ -24,7 +29,7 @@ pub struct EnsembleSpec {
     pub rule: Rule,
 }
 
-/// Where an ensemble's members come from.
+/// The source of an ensemble's members.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Members {
     /// Models of the file that `kiln train` trains, in order.
@@ -53,7 +58,7 @@ pub struct EnsembleReport {
     pub spec: Option<EnsembleSpec>,
 }
 
-/// The word that selects `rule` in an ensemble item and in `--rule`.
+/// Returns the word that selects `rule` in an ensemble item and in `--rule`.
 pub fn rule_word(rule: Rule) -> &'static str {
     match rule {
         Rule::MeanProbability => "mean",
@@ -69,7 +74,8 @@ struct Parsed {
     span: Span,
 }
 
-/// The settings of an item, each at most once.
+/// The settings of an item. [`read_settings`] keeps the first of a setting
+/// given twice and reports the second.
 #[derive(Default)]
 struct Settings<'a> {
     members: Option<&'a Expr>,
@@ -230,10 +236,23 @@ fn literal_int(expr: &Expr) -> Option<i64> {
     }
 }
 
-/// Reads an integer of at least `min`, or reports why the literal is not one.
-fn integer(expr: &Expr, what: &str, min: i64, errors: &mut Vec<Diagnostic>) -> Option<i64> {
+/// Reads an integer from `min` to `max`, or reports why the literal is not
+/// one.
+fn integer(
+    expr: &Expr,
+    what: &str,
+    (min, max): (i64, i64),
+    errors: &mut Vec<Diagnostic>,
+) -> Option<i64> {
     match literal_int(expr) {
-        Some(v) if v >= min => Some(v),
+        Some(v) if (min..=max).contains(&v) => Some(v),
+        Some(v) if v > max => {
+            errors.push(
+                Diagnostic::error(codes::BAD_ENSEMBLE, format!("{what} must be at most {max}"))
+                    .primary(expr.span.clone(), format!("found {v}")),
+            );
+            None
+        }
         found => {
             let found =
                 found.map_or_else(|| "not an integer".to_string(), |v| format!("found {v}"));
@@ -346,7 +365,7 @@ fn member_args(call: &Call, spec: &mut MemberSpec, errors: &mut Vec<Diagnostic>)
     let mut ok = true;
     for (key, value) in call.keywords() {
         match key.name.as_str() {
-            "seed" => match integer(value, "`seed`", 0, errors) {
+            "seed" => match integer(value, "`seed`", (0, i64::MAX), errors) {
                 Some(seed) => spec.seed = seed as u64,
                 None => ok = false,
             },
@@ -403,7 +422,7 @@ fn seeds(
         return None;
     };
     let found = find_model(name, model.span.clone(), models, errors);
-    let count = integer(count, "the member count `K`", 1, errors)?;
+    let count = integer(count, "the member count `K`", (1, MAX_MEMBERS), errors)?;
     found?;
     let members = (1..=count as u64)
         .map(|seed| Parsed {
@@ -439,7 +458,7 @@ fn study_top(call: &Call, errors: &mut Vec<Diagnostic>) -> Option<Members> {
         );
         return None;
     };
-    let top = integer(count, "the member count `K`", 1, errors)?;
+    let top = integer(count, "the member count `K`", (1, MAX_MEMBERS), errors)?;
     check_count_of(count.span.clone(), top as usize, errors);
     Some(Members::StudyTop {
         study,

@@ -56,8 +56,8 @@ pub struct EnsembleArgs {
     #[arg(long)]
     pub seeds: Option<usize>,
     /// With --seeds: train each member on a bootstrap resample of the
-    /// training part (as many samples, drawn with replacement, seeded by
-    /// the member's seed); the validation split is never resampled.
+    /// training part, as many samples drawn with replacement and seeded by
+    /// the member's seed. The validation split is never resampled.
     #[arg(long)]
     pub bootstrap: bool,
     /// Epochs per seed member, instead of the model's `epochs`.

@@ -99,7 +99,7 @@ fn reject_model_options(args: &TrainArgs) -> Result<(), String> {
     }
 }
 
-/// The checked ensemble named by `--model`, or the file's first item.
+/// Finds the checked ensemble named by `--model`, or the file's first item.
 fn selected_spec(
     program: &Program,
     report: &CheckReport,
@@ -151,8 +151,9 @@ fn plans(
     Ok(plans)
 }
 
-/// The seed of the shared validation split: the first member's model's own
-/// `seed`, so the split is the one `kiln train` of that model holds out.
+/// Returns the seed of the shared validation split: the first member's
+/// model's own `seed`, so the split is the one `kiln train` of that model
+/// holds out.
 fn split_seed(
     program: &Program,
     members: &[MemberSpec],

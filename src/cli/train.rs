@@ -33,7 +33,8 @@ pub struct TrainArgs {
     /// are used when this is omitted).
     #[arg(long)]
     pub test_data: Option<PathBuf>,
-    /// The model of the file to use; the first when omitted.
+    /// The model or ensemble of the file to train; the first model, or an
+    /// ensemble that comes before every model, when omitted.
     #[arg(long)]
     pub model: Option<String>,
     /// Set a hyperparameter, as `--set width=32`; repeatable.
