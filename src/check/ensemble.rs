@@ -399,12 +399,7 @@ fn seeds(
     errors: &mut Vec<Diagnostic>,
 ) -> Option<Vec<Parsed>> {
     let positional: Vec<&Expr> = call.positional().collect();
-    let (Some(model), Some(count), 2, None) = (
-        positional.first(),
-        positional.get(1),
-        positional.len(),
-        call.keywords().next(),
-    ) else {
+    let ([model, count], None) = (positional.as_slice(), call.keywords().next()) else {
         errors.push(
             Diagnostic::error(codes::INVALID_ARGUMENT, "`seeds` takes a model and a count")
                 .primary(call.span.clone(), "expected `seeds(MODEL, K)`"),
