@@ -455,3 +455,48 @@ fn seed_ensemble_with_bootstrap_flag() {
     );
     assert_eq!(without_seeds.status.code(), Some(2));
 }
+
+#[test]
+fn ensemble_item_pools_study_trials() {
+    let dir = temp_dir("study-item");
+    ok(&kiln(
+        &dir,
+        &[
+            "tune",
+            &root("models/digits_search.model"),
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--trials",
+            "3",
+            "--epochs",
+            "1",
+        ],
+    ));
+    let item =
+        "ensemble best {\n  members = top(2, study = \"digits_search.study\")\n  rule = vote\n}\n";
+    std::fs::write(dir.join("best.model"), item).unwrap();
+
+    let report = ok(&kiln(
+        &dir,
+        &[
+            "train",
+            "best.model",
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--json",
+        ],
+    ));
+    assert_eq!(report["members"].as_array().unwrap().len(), 2, "{report}");
+    assert_eq!(report["rule"], "vote");
+    let eval = ok(&kiln(
+        &dir,
+        &[
+            "eval",
+            "checkpoints/best.ensemble.safetensors",
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--json",
+        ],
+    ));
+    assert_eq!(eval["members"], 2);
+}
