@@ -1,6 +1,7 @@
-//! End-to-end ensembles on the digits data: seed ensembles, ensembles of
-//! checkpoints, the ensemble file in `kiln eval` and `kiln predict`, and
-//! prediction on unlabeled NumPy and CSV files.
+//! End-to-end ensembles on the digits data: seed ensembles with and
+//! without bootstrap resamples, ensembles of checkpoints, ensemble items
+//! built by `kiln train`, the ensemble file in `kiln eval` and `kiln
+//! predict`, and prediction on unlabeled NumPy and CSV files.
 
 use ndarray_npy::WriteNpyExt;
 use std::io::Read;
@@ -268,4 +269,234 @@ fn csv_label_column_is_found_by_name() {
         .to_string();
     let record: serde_json::Value = serde_json::from_str(&last).unwrap();
     assert!(record["val_accuracy"].as_f64().unwrap() > 0.8, "{record}");
+}
+
+/// Two small models of different architectures for the 8x8 digits, an
+/// ensemble item that pools them, and one that pools seeds of one of them.
+const POOL_FILE: &str = r#"
+model mlp {
+  input features: [64]
+  logits = dense(features, units = 32) |> relu |> dense(units = 10)
+  output logits: [10]
+  train {
+    optimizer = adam(lr = 3e-3)
+    seed = 3
+  }
+}
+
+model conv {
+  input image: [1, 8, 8]
+  x = conv(image, filters = 8, kernel = 3, padding = same) |> relu
+  logits = flatten(x) |> dense(units = 10)
+  output logits: [10]
+  train { optimizer = adam(lr = 3e-3) }
+}
+
+ensemble pool {
+  members = [mlp, conv(seed = 2, bootstrap = true)]
+  rule = logits
+}
+
+ensemble mlp_seeds {
+  members = seeds(mlp, 2)
+  bootstrap = true
+}
+"#;
+
+#[test]
+fn ensemble_item_of_two_architectures_trains() {
+    let dir = temp_dir("item");
+    std::fs::write(dir.join("pool.model"), POOL_FILE).unwrap();
+    let report = ok(&kiln(
+        &dir,
+        &[
+            "train",
+            "pool.model",
+            "--model",
+            "pool",
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--epochs",
+            "2",
+            "--json",
+        ],
+    ));
+    let members = report["members"].as_array().unwrap();
+    assert_eq!(members.len(), 2, "{report}");
+    assert_eq!(members[0]["bootstrap"], false, "{report}");
+    assert_eq!(members[1]["bootstrap"], true, "{report}");
+    assert_eq!(report["rule"], "mean_logits");
+    let val = &report["validation"];
+    for (i, member) in val["members"].as_array().unwrap().iter().enumerate() {
+        let accuracy = member["accuracy"].as_f64().unwrap();
+        assert!(accuracy > 0.5, "member {i} validation accuracy {accuracy}");
+    }
+    assert!(val["ensemble"]["accuracy"].as_f64().unwrap() > 0.5, "{val}");
+
+    let out = "checkpoints/pool.ensemble.safetensors";
+    let eval = ok(&kiln(
+        &dir,
+        &["eval", out, "--data", &root("data/digits.csv.gz"), "--json"],
+    ));
+    assert_eq!(eval["members"], 2);
+    assert_eq!(eval["samples"], digits_rows().len());
+    assert!(eval["accuracy"].as_f64().unwrap() > 0.5, "{eval}");
+    for member in ["m0-mlp-seed3", "m1-conv-seed2"] {
+        let checkpoint = dir.join("checkpoints/pool.members").join(member);
+        assert!(checkpoint.join("best.safetensors").is_file(), "{member}");
+    }
+}
+
+#[test]
+fn ensemble_item_first_in_file_is_trained() {
+    let dir = temp_dir("first-item");
+    // The ensemble comes first, so `kiln train` without --model builds it.
+    let (models, items) = POOL_FILE.split_at(POOL_FILE.find("ensemble pool").unwrap());
+    let seeds_item = &items[items.find("ensemble mlp_seeds").unwrap()..];
+    std::fs::write(dir.join("seeds.model"), format!("{seeds_item}{models}")).unwrap();
+
+    let check = kiln(&dir, &["check", "seeds.model"]);
+    let summary = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(0), "{summary}");
+    assert!(
+        summary.contains("ensemble mlp_seeds: 2 members, rule mean"),
+        "{summary}"
+    );
+
+    let report = ok(&kiln(
+        &dir,
+        &[
+            "train",
+            "seeds.model",
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--epochs",
+            "1",
+            "--json",
+        ],
+    ));
+    let members = report["members"].as_array().unwrap();
+    assert_eq!(members.len(), 2, "{report}");
+    assert!(members.iter().all(|m| m["bootstrap"] == true), "{report}");
+    let disagreement = report["validation"]["diversity"][0]["disagreement"]
+        .as_f64()
+        .unwrap();
+    assert!(disagreement > 0.0, "seeds 1 and 2 predict alike: {report}");
+    assert!(dir
+        .join("checkpoints/mlp_seeds.ensemble.safetensors")
+        .is_file());
+}
+
+#[test]
+fn ensemble_item_rejects_one_model_options() {
+    let dir = temp_dir("item-options");
+    std::fs::write(dir.join("pool.model"), POOL_FILE).unwrap();
+    let out = kiln(
+        &dir,
+        &[
+            "train",
+            "pool.model",
+            "--model",
+            "pool",
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--seed",
+            "4",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--seed applies to one model"), "{stderr}");
+}
+
+#[test]
+fn seed_ensemble_with_bootstrap_flag() {
+    let dir = temp_dir("bootstrap");
+    let report = ok(&kiln(
+        &dir,
+        &[
+            "ensemble",
+            &root("models/digits.model"),
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--seeds",
+            "2",
+            "--epochs",
+            "1",
+            "--bootstrap",
+            "--json",
+        ],
+    ));
+    let members = report["members"].as_array().unwrap();
+    assert_eq!(members.len(), 2, "{report}");
+    assert!(members.iter().all(|m| m["bootstrap"] == true), "{report}");
+    let eval = ok(&kiln(
+        &dir,
+        &[
+            "eval",
+            "ensemble.safetensors",
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--json",
+        ],
+    ));
+    assert_eq!(eval["members"], 2);
+
+    let without_seeds = kiln(
+        &dir,
+        &[
+            "ensemble",
+            "ensemble.safetensors.members/seed-0/best.safetensors",
+            "ensemble.safetensors.members/seed-1/best.safetensors",
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--bootstrap",
+        ],
+    );
+    assert_eq!(without_seeds.status.code(), Some(2));
+}
+
+#[test]
+fn ensemble_item_pools_study_trials() {
+    let dir = temp_dir("study-item");
+    ok(&kiln(
+        &dir,
+        &[
+            "tune",
+            &root("models/digits_search.model"),
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--trials",
+            "3",
+            "--epochs",
+            "1",
+        ],
+    ));
+    let item =
+        "ensemble best {\n  members = top(2, study = \"digits_search.study\")\n  rule = vote\n}\n";
+    std::fs::write(dir.join("best.model"), item).unwrap();
+
+    let report = ok(&kiln(
+        &dir,
+        &[
+            "train",
+            "best.model",
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--json",
+        ],
+    ));
+    assert_eq!(report["members"].as_array().unwrap().len(), 2, "{report}");
+    assert_eq!(report["rule"], "vote");
+    let eval = ok(&kiln(
+        &dir,
+        &[
+            "eval",
+            "checkpoints/best.ensemble.safetensors",
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--json",
+        ],
+    ));
+    assert_eq!(eval["members"], 2);
 }

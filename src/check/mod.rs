@@ -8,6 +8,7 @@
 
 pub mod args;
 pub mod elaborate;
+pub mod ensemble;
 mod errors;
 pub mod graph;
 pub mod layers;
@@ -20,6 +21,7 @@ pub mod value;
 use crate::diag::{codes, Diagnostic, Span};
 use crate::syntax::{self, ast};
 use elaborate::{model_blocks, Elaborator};
+use ensemble::EnsembleReport;
 use graph::Graph;
 use space::{Point, Space};
 use std::collections::HashSet;
@@ -96,6 +98,7 @@ pub struct ModelReport {
 /// The result of checking a whole file.
 pub struct CheckReport {
     pub models: Vec<ModelReport>,
+    pub ensembles: Vec<EnsembleReport>,
     pub diagnostics: Vec<Diagnostic>,
 }
 
@@ -111,6 +114,7 @@ pub fn check_source(source: &str) -> CheckReport {
         Ok(program) => program.check(),
         Err(d) => CheckReport {
             models: Vec::new(),
+            ensembles: Vec::new(),
             diagnostics: vec![d],
         },
     }
@@ -127,7 +131,23 @@ impl Program {
         self.file.models.iter().find(|m| m.name.name == name)
     }
 
-    /// Checks every model of the file.
+    pub fn ensemble(&self, name: &str) -> Option<&ast::Ensemble> {
+        self.file.ensembles.iter().find(|e| e.name.name == name)
+    }
+
+    /// Returns the first ensemble item when it comes before every model in
+    /// the file, so that commands which pick the first item pick it.
+    pub fn first_item_ensemble(&self) -> Option<&ast::Ensemble> {
+        let ensemble = self.file.ensembles.first()?;
+        let model_start = self
+            .file
+            .models
+            .first()
+            .map_or(usize::MAX, |m| m.span.start);
+        (ensemble.span.start < model_start).then_some(ensemble)
+    }
+
+    /// Checks every model and ensemble of the file.
     pub fn check(&self) -> CheckReport {
         let mut diagnostics = self.check_names();
         let mut models = Vec::new();
@@ -136,7 +156,18 @@ impl Program {
             diagnostics.append(&mut found);
             models.push(report);
         }
-        if self.file.models.is_empty() {
+
+        // Ensembles come second because their checks read the models'
+        // input and output shapes.
+        let mut ensembles = Vec::new();
+        for item in &self.file.ensembles {
+            let (report, mut found) = ensemble::check_ensemble(item, &models);
+            diagnostics.append(&mut found);
+            ensembles.push(report);
+        }
+
+        // A file of ensembles that all pool study trials needs no model.
+        if self.file.models.is_empty() && self.file.ensembles.is_empty() {
             diagnostics.push(
                 Diagnostic::error(codes::MISSING_DECLARATION, "the file declares no model")
                     .primary(0..0, "expected `model NAME { ... }`"),
@@ -146,6 +177,7 @@ impl Program {
         dedup_diagnostics(&mut diagnostics);
         CheckReport {
             models,
+            ensembles,
             diagnostics,
         }
     }
@@ -156,6 +188,9 @@ impl Program {
         let mut errors = Vec::new();
         let models = self.file.models.iter().map(|m| &m.name);
         duplicates(models, "model", &mut errors);
+        let ensembles = self.file.ensembles.iter().map(|e| &e.name);
+        duplicates(ensembles, "ensemble", &mut errors);
+        self.ensembles_named_like_models(&mut errors);
         duplicates(
             self.file.blocks.iter().map(|b| &b.name),
             "block",
@@ -197,6 +232,24 @@ impl Program {
             }
         }
         errors
+    }
+
+    /// Reports ensembles named like a model, because `--model NAME` picks
+    /// items by name.
+    fn ensembles_named_like_models(&self, errors: &mut Vec<Diagnostic>) {
+        for item in &self.file.ensembles {
+            let Some(model) = self.model(&item.name.name) else {
+                continue;
+            };
+            errors.push(
+                Diagnostic::error(
+                    codes::DUPLICATE,
+                    format!("ensemble `{}` has the name of a model", item.name.name),
+                )
+                .primary(item.name.span.clone(), "rename this ensemble")
+                .secondary(model.name.span.clone(), "model declared here"),
+            );
+        }
     }
 
     /// Reads a model's search space.

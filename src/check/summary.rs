@@ -1,6 +1,7 @@
 //! The text summary `kiln check` prints for a valid model, in the manner of
 //! Keras' `model.summary()`.
 
+use super::ensemble::{EnsembleReport, Members};
 use super::graph::{Graph, Op};
 use super::space::{Domain, Space};
 use super::ModelReport;
@@ -32,6 +33,80 @@ pub fn render(report: &ModelReport) -> String {
     if !report.space.is_empty() {
         out.push('\n');
         out.push_str(&space_table(report));
+    }
+    out
+}
+
+/// Renders an ensemble's members: model, seed, bootstrap and parameters,
+/// or the study it takes trials from.
+pub fn render_ensemble(report: &EnsembleReport, models: &[ModelReport]) -> String {
+    let mut out = String::new();
+    let Some(spec) = &report.spec else {
+        return out;
+    };
+    let rule = super::ensemble::rule_word(spec.rule);
+    let members = match &spec.members {
+        Members::StudyTop { study, top } => {
+            let _ = writeln!(
+                out,
+                "ensemble {}: the best {top} complete trials of study `{study}`, rule {rule}",
+                report.name
+            );
+            return out;
+        }
+        Members::Trained(members) => members,
+    };
+    let _ = writeln!(
+        out,
+        "ensemble {}: {} members, rule {rule}",
+        report.name,
+        members.len()
+    );
+    let params = |model: &str| {
+        models
+            .iter()
+            .find(|m| m.name == model)
+            .and_then(|m| m.instance.as_ref())
+            .map_or(0, |i| i.graph.params() as u64)
+    };
+    let mut rows = vec![[
+        "member".to_string(),
+        "model".to_string(),
+        "seed".to_string(),
+        "bootstrap".to_string(),
+        "params".to_string(),
+    ]];
+    for (i, m) in members.iter().enumerate() {
+        rows.push([
+            format!("m{i}"),
+            m.model.clone(),
+            m.seed.to_string(),
+            if m.bootstrap { "yes" } else { "no" }.to_string(),
+            group(params(&m.model)),
+        ]);
+    }
+    out.push_str(&plain_table(&rows));
+    let total: u64 = members.iter().map(|m| params(&m.model)).sum();
+    let _ = writeln!(out, "trainable parameters in all: {}", group(total));
+    out
+}
+
+/// Left-aligned columns separated by two spaces.
+fn plain_table(rows: &[[String; 5]]) -> String {
+    let mut widths = [0usize; 5];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        let _ = writeln!(out, "  {}", cells.join("  ").trim_end());
     }
     out
 }

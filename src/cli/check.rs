@@ -2,6 +2,7 @@
 //! stdout.
 
 use super::{exit, Format};
+use crate::check::ensemble::{rule_word, EnsembleReport, Members};
 use crate::check::{check_source, summary, CheckReport, ModelReport};
 use crate::diag::render::{self, SourceFile};
 use codespan_reporting::term::termcolor::{ColorChoice, StandardStream};
@@ -54,6 +55,12 @@ fn print_text(file: &SourceFile, report: &CheckReport) {
         }
         print!("{}", summary::render(model));
     }
+    for ensemble in &report.ensembles {
+        if !report.models.is_empty() {
+            println!();
+        }
+        print!("{}", summary::render_ensemble(ensemble, &report.models));
+    }
 }
 
 fn print_json(file: &SourceFile, report: &CheckReport) {
@@ -63,6 +70,7 @@ fn print_json(file: &SourceFile, report: &CheckReport) {
         "ok": !report.has_errors(),
         "diagnostics": render::to_json(file, &report.diagnostics),
         "models": models,
+        "ensembles": report.ensembles.iter().filter_map(ensemble_json).collect::<Vec<_>>(),
     });
     println!("{value:#}");
 }
@@ -111,5 +119,24 @@ fn model_json(model: &ModelReport) -> Option<serde_json::Value> {
         "search_space": space,
         "space_size": model.space.size(),
         "points_checked": model.points_checked,
+    }))
+}
+
+fn ensemble_json(report: &EnsembleReport) -> Option<serde_json::Value> {
+    let spec = report.spec.as_ref()?;
+    let members = match &spec.members {
+        Members::Trained(members) => {
+            let members: Vec<_> = members
+                .iter()
+                .map(|m| json!({"model": m.model, "seed": m.seed, "bootstrap": m.bootstrap}))
+                .collect();
+            json!(members)
+        }
+        Members::StudyTop { study, top } => json!({"study": study, "top": top}),
+    };
+    Some(json!({
+        "name": report.name,
+        "rule": rule_word(spec.rule),
+        "members": members,
     }))
 }

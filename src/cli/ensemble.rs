@@ -5,7 +5,10 @@
 
 use super::exit;
 use super::predictor::{Member, Predictor};
-use super::train::{instantiate, label_column, restore, test_split, ExecArgs};
+use super::train::{
+    instantiate, label_column, restore, test_split, train_error, ExecArgs, INTERRUPTED,
+};
+use crate::check::Instance;
 use crate::data::{self, Dataset};
 use crate::ensemble::{self, file, Predictions, Rule};
 use crate::runtime::{self, Output, TrainSetup};
@@ -52,6 +55,11 @@ pub struct EnsembleArgs {
     /// and one shared validation split, and pool them.
     #[arg(long)]
     pub seeds: Option<usize>,
+    /// With --seeds: train each member on a bootstrap resample of the
+    /// training part, as many samples drawn with replacement and seeded by
+    /// the member's seed. The validation split is never resampled.
+    #[arg(long)]
+    pub bootstrap: bool,
     /// Epochs per seed member, instead of the model's `epochs`.
     #[arg(long)]
     pub epochs: Option<usize>,
@@ -90,58 +98,38 @@ pub fn run(args: EnsembleArgs) -> u8 {
 }
 
 /// Member checkpoints named by the arguments.
-fn member_paths(args: &EnsembleArgs) -> Result<Vec<PathBuf>, (u8, String)> {
+fn member_paths(
+    args: &EnsembleArgs,
+    train: &Dataset,
+    test: Option<&Dataset>,
+) -> Result<Vec<PathBuf>, (u8, String)> {
     let usage = |m: String| (exit::USAGE, m);
+    if args.bootstrap && args.seeds.is_none() {
+        return Err(usage(
+            "--bootstrap applies to members trained with --seeds".into(),
+        ));
+    }
     if let Some(seeds) = args.seeds {
         let [model] = args.inputs.as_slice() else {
             return Err(usage("--seeds takes exactly one `.model` file".into()));
         };
-        return train_seeds(args, model, seeds);
+        return train_seeds(args, model, seeds, train, test);
     }
     if let Some(study) = &args.study {
         if !args.inputs.is_empty() {
             return Err(usage("give checkpoints or --study, not both".into()));
         }
-        let mut storage = SqliteStorage::open_existing(study).map_err(|e| usage(e.to_string()))?;
-        let (_, _, metric) = storage.study_info().map_err(|e| usage(e.to_string()))?;
-        let direction = if metric == "val_loss" {
-            crate::tune::sampler::Direction::Minimize
-        } else {
-            crate::tune::sampler::Direction::Maximize
-        };
-        let mut trials: Vec<_> = storage
-            .trials()
-            .map_err(|e| usage(e.to_string()))?
-            .into_iter()
-            .filter(|t| t.state == TrialState::Complete && t.checkpoint.is_some())
-            .collect();
-        let mut ranked = Vec::new();
-        while let Some(best) = report::best(&trials, direction).map(|t| t.id) {
-            let i = trials.iter().position(|t| t.id == best).expect("present");
-            ranked.push(trials.remove(i));
-        }
         let keep = match (args.top, args.select) {
             (Some(0), None) => return Err(usage("--top must be at least 1".into())),
-            (Some(k), None) => k,
-            (None, Some(SelectArg::Greedy)) => ranked.len(),
+            (Some(k), None) => Some(k),
+            (None, Some(SelectArg::Greedy)) => None,
             _ => {
                 return Err(usage(
                     "with --study, give --top K or --select greedy".into(),
                 ))
             }
         };
-        let paths: Vec<PathBuf> = ranked
-            .iter()
-            .take(keep)
-            .filter_map(|t| t.checkpoint.as_ref().map(PathBuf::from))
-            .collect();
-        if paths.is_empty() {
-            return Err(usage(format!(
-                "`{}` has no complete trial with a checkpoint",
-                study.display()
-            )));
-        }
-        return Ok(paths);
+        return study_members(study, keep);
     }
     if args.inputs.len() < 2 {
         return Err(usage(
@@ -151,11 +139,54 @@ fn member_paths(args: &EnsembleArgs) -> Result<Vec<PathBuf>, (u8, String)> {
     Ok(args.inputs.clone())
 }
 
-/// Trains `seeds` copies of a model that share one validation split.
+/// Checkpoints of a study's complete trials, best first: the best `keep`,
+/// or all of them when `keep` is `None`.
+pub(crate) fn study_members(
+    study: &Path,
+    keep: Option<usize>,
+) -> Result<Vec<PathBuf>, (u8, String)> {
+    let usage = |m: String| (exit::USAGE, m);
+    let mut storage = SqliteStorage::open_existing(study).map_err(|e| usage(e.to_string()))?;
+    let (_, _, metric) = storage.study_info().map_err(|e| usage(e.to_string()))?;
+    let direction = if metric == "val_loss" {
+        crate::tune::sampler::Direction::Minimize
+    } else {
+        crate::tune::sampler::Direction::Maximize
+    };
+    let mut trials: Vec<_> = storage
+        .trials()
+        .map_err(|e| usage(e.to_string()))?
+        .into_iter()
+        .filter(|t| t.state == TrialState::Complete && t.checkpoint.is_some())
+        .collect();
+
+    let mut ranked = Vec::new();
+    while let Some(best) = report::best(&trials, direction).map(|t| t.id) {
+        let i = trials.iter().position(|t| t.id == best).expect("present");
+        ranked.push(trials.remove(i));
+    }
+    let paths: Vec<PathBuf> = ranked
+        .iter()
+        .take(keep.unwrap_or(usize::MAX))
+        .filter_map(|t| t.checkpoint.as_ref().map(PathBuf::from))
+        .collect();
+    if paths.is_empty() {
+        return Err(usage(format!(
+            "`{}` has no complete trial with a checkpoint",
+            study.display()
+        )));
+    }
+    Ok(paths)
+}
+
+/// Trains `seeds` copies of a model, with seeds 0, 1, ..., that share one
+/// validation split.
 fn train_seeds(
     args: &EnsembleArgs,
     model: &Path,
     seeds: usize,
+    data: &Dataset,
+    test: Option<&Dataset>,
 ) -> Result<Vec<PathBuf>, (u8, String)> {
     let usage = |m: String| (exit::USAGE, m);
     if seeds < 2 {
@@ -165,47 +196,115 @@ fn train_seeds(
     let name = model.display().to_string();
     let (model_name, instance, point) =
         instantiate(&source, &name, None, &[]).map_err(|m| (exit::INVALID_MODEL, m))?;
-    let loaded = data::load(&args.data, &label_column(&args.label_column))
-        .map_err(|e| usage(e.to_string()))?;
-    let test = test_split(args.test_data.as_deref(), loaded.test, &args.label_column)?;
-    let members_dir = with_suffix(&args.out, ".members");
+
+    let split_seed = instance.train.seed;
+    let plans = (0..seeds as u64)
+        .map(|seed| {
+            let mut instance = instance.clone();
+            instance.train.seed = seed;
+            if let Some(epochs) = args.epochs {
+                instance.train.epochs = epochs;
+            }
+            MemberPlan {
+                model_name: model_name.clone(),
+                instance,
+                point: point.clone(),
+                bootstrap: args.bootstrap,
+                label: format!("seed-{seed}"),
+            }
+        })
+        .collect();
+    let shared = SharedTraining {
+        source: &source,
+        train: data,
+        test,
+        val_split: 0.1,
+        limit: None,
+        split_seed,
+        members_dir: with_suffix(&args.out, ".members"),
+        exec: args.exec,
+        interrupt: Arc::new(AtomicBool::new(false)),
+        quiet: args.json,
+    };
+    train_members(plans, &shared)
+}
+
+/// One member to train: a model at one point, with its own seed.
+pub(crate) struct MemberPlan {
+    pub model_name: String,
+    pub instance: Instance,
+    pub point: Vec<(String, String)>,
+    pub bootstrap: bool,
+    /// The member's folder under the members folder, and its name in
+    /// progress messages.
+    pub label: String,
+}
+
+/// What every member of a trained ensemble shares.
+pub(crate) struct SharedTraining<'a> {
+    /// The `.model` file's text, stored in every member's checkpoint.
+    pub source: &'a str,
+    pub train: &'a Dataset,
+    pub test: Option<&'a Dataset>,
+    pub val_split: f64,
+    pub limit: Option<usize>,
+    /// Seed of the one validation split every member holds out, so that
+    /// their validation predictions can be pooled and compared.
+    pub split_seed: u64,
+    pub members_dir: PathBuf,
+    pub exec: ExecArgs,
+    pub interrupt: Arc<AtomicBool>,
+    /// Print no progress line per member.
+    pub quiet: bool,
+}
+
+/// Trains the members one after another and returns their best
+/// checkpoints.
+///
+/// # Errors
+/// When a run fails, or with status 130 when Ctrl-C stops one.
+pub(crate) fn train_members(
+    plans: Vec<MemberPlan>,
+    shared: &SharedTraining,
+) -> Result<Vec<PathBuf>, (u8, String)> {
     let mut paths = Vec::new();
-    for seed in 0..seeds {
-        let mut instance = instance.clone();
-        let split_seed = instance.train.seed;
-        instance.train.seed = seed as u64;
-        if let Some(epochs) = args.epochs {
-            instance.train.epochs = epochs;
-        }
-        let dir = members_dir.join(format!("seed-{seed}"));
+    for plan in plans {
+        let label = plan.label.clone();
         let setup = TrainSetup {
-            model_name: model_name.clone(),
-            source: source.clone(),
-            point: point.clone(),
-            instance,
-            train: loaded.train.clone(),
-            test: test.clone(),
-            val_split: 0.1,
-            limit: None,
-            checkpoint_dir: dir,
+            model_name: plan.model_name,
+            source: shared.source.to_string(),
+            point: plan.point,
+            instance: plan.instance,
+            train: shared.train.clone(),
+            test: shared.test.cloned(),
+            val_split: shared.val_split,
+            limit: shared.limit,
+            checkpoint_dir: shared.members_dir.join(&label),
             logdir: None,
             log_every: 50,
             output: Output::Quiet,
             resume: None,
-            interrupt: Arc::new(AtomicBool::new(false)),
-            executor: args.exec.kind(),
-            threads: args
+            interrupt: shared.interrupt.clone(),
+            executor: shared.exec.kind(),
+            threads: shared
                 .exec
                 .threads
                 .unwrap_or_else(crate::runtime::engine::default_threads),
             verify: 0,
             on_epoch: None,
-            split_seed: Some(split_seed),
+            split_seed: Some(shared.split_seed),
+            bootstrap: plan.bootstrap,
         };
-        let summary = runtime::train(setup).map_err(|e| usage(e.to_string()))?;
-        if !args.json {
+        let summary = runtime::train(setup).map_err(train_error)?;
+        if summary.interrupted {
+            return Err((
+                INTERRUPTED,
+                format!("interrupted while training {label}; the ensemble was not written"),
+            ));
+        }
+        if !shared.quiet {
             eprintln!(
-                "trained seed {seed}: {} epochs in {:.1}s",
+                "trained {label}: {} epochs in {:.1}s",
                 summary.history.len(),
                 summary.seconds
             );
@@ -262,41 +361,6 @@ fn score(probabilities: &ndarray::Array2<f32>, classes: &[usize], labels: &[usiz
 
 fn build(args: EnsembleArgs) -> Result<u8, (u8, String)> {
     let usage = |m: String| (exit::USAGE, m);
-    let paths = member_paths(&args)?;
-    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    if paths.iter().any(|p| same(p, &args.out)) {
-        return Err(usage(format!(
-            "--out `{}` is one of the members; choose another path",
-            args.out.display()
-        )));
-    }
-    let threads = args
-        .exec
-        .threads
-        .unwrap_or_else(crate::runtime::engine::default_threads);
-    let per_member = (threads / paths.len()).max(1);
-    let mut members = Vec::new();
-    for path in &paths {
-        let restored = restore(path)?;
-        members.push(Member::new(
-            restored,
-            1.0,
-            path.display().to_string(),
-            &args.exec,
-            per_member,
-        )?);
-    }
-    let rule = match args.rule {
-        RuleArg::Mean => Rule::MeanProbability,
-        RuleArg::Logits => Rule::MeanLogits,
-        RuleArg::Vote => Rule::Vote,
-    };
-    let mut predictor = Predictor { members, rule };
-    predictor.check_agreement()?;
-
     let loaded = data::load(&args.data, &label_column(&args.label_column))
         .map_err(|e| usage(e.to_string()))?;
     let test = test_split(
@@ -304,38 +368,122 @@ fn build(args: EnsembleArgs) -> Result<u8, (u8, String)> {
         loaded.test.clone(),
         &args.label_column,
     )?;
-    let val = validation_data(&loaded.train, &predictor.members, args.json);
+    let paths = member_paths(&args, &loaded.train, test.as_ref())?;
+    let options = PoolOptions {
+        rule: match args.rule {
+            RuleArg::Mean => Rule::MeanProbability,
+            RuleArg::Logits => Rule::MeanLogits,
+            RuleArg::Vote => Rule::Vote,
+        },
+        select: args.select,
+        rounds: args.rounds,
+        out: args.out.clone(),
+        json: args.json,
+        quiet: false,
+        exec: args.exec,
+    };
+    pool(&paths, &loaded.train, test.as_ref(), &options)
+}
+
+/// How [`pool`] combines members and where it writes the result.
+pub(crate) struct PoolOptions {
+    pub rule: Rule,
+    pub select: Option<SelectArg>,
+    /// Rounds of greedy selection, with `select`.
+    pub rounds: usize,
+    pub out: PathBuf,
+    pub json: bool,
+    /// Print neither the report nor the path written.
+    pub quiet: bool,
+    pub exec: ExecArgs,
+}
+
+/// Opens member checkpoints, scores them and their pool on the validation
+/// split of `raw_train` and on `test`, prints the report and writes the
+/// ensemble file.
+///
+/// # Errors
+/// When a member cannot be opened, members disagree on their inputs or
+/// classes, or the file cannot be written.
+pub(crate) fn pool(
+    paths: &[PathBuf],
+    raw_train: &Dataset,
+    test: Option<&Dataset>,
+    options: &PoolOptions,
+) -> Result<u8, (u8, String)> {
+    let usage = |m: String| (exit::USAGE, m);
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if paths.iter().any(|p| same(p, &options.out)) {
+        return Err(usage(format!(
+            "--out `{}` is one of the members; choose another path",
+            options.out.display()
+        )));
+    }
+    let mut predictor = open_members(paths, options)?;
+    predictor.check_agreement()?;
+
+    let val = validation_data(raw_train, &predictor.members, options.json);
     let val_predictions = match &val {
         Some(v) => Some(predictor.member_predictions(v)?),
         None => None,
     };
-    if args.select == Some(SelectArg::Greedy) {
+    if options.select == Some(SelectArg::Greedy) {
         let (Some(v), Some(preds)) = (&val, &val_predictions) else {
             return Err(usage(
                 "greedy selection needs a validation split; the members trained without one".into(),
             ));
         };
         let refs: Vec<&Predictions> = preds.iter().collect();
-        let counts = ensemble::greedy_selection(&refs, &v.labels, args.rounds);
+        let counts = ensemble::greedy_selection(&refs, &v.labels, options.rounds);
         for (m, c) in predictor.members.iter_mut().zip(&counts) {
             m.weight = *c as f64;
         }
     }
-    let test_predictions = match &test {
+    let test_predictions = match test {
         Some(t) => Some(predictor.member_predictions(t)?),
         None => None,
     };
+
     let report = Report::new(
         &predictor,
         val.as_ref().zip(val_predictions.as_ref()),
-        test.as_ref().zip(test_predictions.as_ref()),
+        test.zip(test_predictions.as_ref()),
     );
-    report.print(&predictor, args.json);
-    save(&predictor, &args.out)?;
-    if !args.json {
-        eprintln!("wrote {}", args.out.display());
+    if !options.quiet {
+        report.print(&predictor, options.json);
+    }
+    save(&predictor, &options.out)?;
+    if !options.json && !options.quiet {
+        eprintln!("wrote {}", options.out.display());
     }
     Ok(exit::OK)
+}
+
+/// Opens every member checkpoint with an equal share of the threads.
+fn open_members(paths: &[PathBuf], options: &PoolOptions) -> Result<Predictor, (u8, String)> {
+    let threads = options
+        .exec
+        .threads
+        .unwrap_or_else(crate::runtime::engine::default_threads);
+    let per_member = (threads / paths.len().max(1)).max(1);
+    let mut members = Vec::new();
+    for path in paths {
+        let restored = restore(path)?;
+        members.push(Member::new(
+            restored,
+            1.0,
+            path.display().to_string(),
+            &options.exec,
+            per_member,
+        )?);
+    }
+    Ok(Predictor {
+        members,
+        rule: options.rule,
+    })
 }
 
 /// Figures on one data set: each member's, the ensemble's, and diversity.
@@ -403,7 +551,13 @@ impl Report {
             let members: Vec<_> = predictor
                 .members
                 .iter()
-                .map(|m| serde_json::json!({"name": m.name, "weight": m.weight}))
+                .map(|m| {
+                    serde_json::json!({
+                        "name": m.name,
+                        "weight": m.weight,
+                        "bootstrap": m.restored.meta.bootstrap,
+                    })
+                })
                 .collect();
             let value = serde_json::json!({
                 "rule": predictor.rule,
@@ -422,8 +576,13 @@ impl Report {
                 "", "weight", "loss", "accuracy"
             );
             for (i, (m, s)) in predictor.members.iter().zip(&set.members).enumerate() {
+                let resampled = if m.restored.meta.bootstrap {
+                    " (bootstrap resample)"
+                } else {
+                    ""
+                };
                 println!(
-                    "  m{i:<3} {:>6} {:>8.4} {:>8.2}%  {}",
+                    "  m{i:<3} {:>6} {:>8.4} {:>8.2}%  {}{resampled}",
                     m.weight,
                     s.loss,
                     100.0 * s.accuracy,

@@ -6,6 +6,7 @@ mod bench;
 mod check;
 mod compile;
 mod ensemble;
+mod ensemble_item;
 mod predictor;
 mod train;
 mod tune;

@@ -5,7 +5,7 @@ use super::predictor::Predictor;
 use crate::check::space::Point;
 use crate::check::train::Optimizer;
 use crate::check::value::Value;
-use crate::check::{Instance, Program};
+use crate::check::{CheckReport, Instance, Program};
 use crate::data::{self, Dataset, LabelColumn};
 use crate::diag::render::{self, SourceFile};
 use crate::runtime::checkpoint::{Checkpoint, Metadata};
@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Exit status after Ctrl-C, as shells report a process killed by SIGINT.
-const INTERRUPTED: u8 = 130;
+pub(crate) const INTERRUPTED: u8 = 130;
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -33,7 +33,8 @@ pub struct TrainArgs {
     /// are used when this is omitted).
     #[arg(long)]
     pub test_data: Option<PathBuf>,
-    /// The model of the file to use; the first when omitted.
+    /// The model or ensemble of the file to train; the first model, or an
+    /// ensemble that comes before every model, when omitted.
     #[arg(long)]
     pub model: Option<String>,
     /// Set a hyperparameter, as `--set width=32`; repeatable.
@@ -233,6 +234,19 @@ pub(crate) fn instantiate(
     model: Option<&str>,
     assignments: &[(String, String)],
 ) -> Result<(String, Instance, Assignments), String> {
+    let (program, _) = check_file(source, file_name)?;
+    let ast = match model {
+        Some(name) => program.model(name),
+        None => program.file.models.first(),
+    }
+    .ok_or_else(|| format!("no model `{}` in `{file_name}`", model.unwrap_or("")))?;
+    let (instance, point) = instantiate_model(&program, ast, source, file_name, assignments)?;
+    Ok((ast.name.name.clone(), instance, point))
+}
+
+/// Checks a model file, printing its diagnostics, and returns it parsed
+/// with the check's report.
+pub(crate) fn check_file(source: &str, file_name: &str) -> Result<(Program, CheckReport), String> {
     let file = SourceFile {
         name: file_name,
         text: source,
@@ -243,11 +257,18 @@ pub(crate) fn instantiate(
         return Err(format!("`{file_name}` is not a valid model"));
     }
     let program = Program::parse(source).map_err(|d| d.message)?;
-    let ast = match model {
-        Some(name) => program.model(name),
-        None => program.file.models.first(),
-    }
-    .ok_or_else(|| format!("no model `{}` in `{file_name}`", model.unwrap_or("")))?;
+    Ok((program, report))
+}
+
+/// Instantiates a model of a checked file at the point the assignments
+/// select, completed with defaults; prints diagnostics on failure.
+pub(crate) fn instantiate_model(
+    program: &Program,
+    ast: &crate::syntax::ast::Model,
+    source: &str,
+    file_name: &str,
+    assignments: &[(String, String)],
+) -> Result<(Instance, Assignments), String> {
     let (space, _) = program.space(ast);
     let mut partial = Point::default();
     for (name, text) in assignments {
@@ -271,6 +292,10 @@ pub(crate) fn instantiate(
     }
     let point = space.complete(partial);
     let instance = program.instantiate(ast, &space, &point).map_err(|errors| {
+        let file = SourceFile {
+            name: file_name,
+            text: source,
+        };
         eprint!("{}", render::render_text(&file, &errors));
         format!("the model is invalid at {point}")
     })?;
@@ -279,7 +304,7 @@ pub(crate) fn instantiate(
         .iter()
         .map(|(n, v)| (n.clone(), v.to_string()))
         .collect();
-    Ok((ast.name.name.clone(), instance, point_text))
+    Ok((instance, point_text))
 }
 
 fn with_lr(optimizer: &Optimizer, lr: f64) -> Optimizer {
@@ -350,6 +375,9 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
         }
     };
     let name = args.file.display().to_string();
+    if resume.is_none() && names_ensemble(&source, args.model.as_deref()) {
+        return super::ensemble_item::train(&args, &source, interrupt);
+    }
     let (model_name, mut instance, point) =
         instantiate(&source, &name, args.model.as_deref(), &assignments)
             .map_err(|m| (exit::INVALID_MODEL, m))?;
@@ -397,19 +425,36 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
         verify: args.verify.unwrap_or(0),
         on_epoch: None,
         split_seed: None,
+        bootstrap: false,
     };
-    match runtime::train(setup) {
-        Ok(summary) => {
-            print_summary(&summary, output, &args.checkpoint_dir);
-            Ok(if summary.interrupted {
-                INTERRUPTED
-            } else {
-                exit::OK
-            })
-        }
-        Err(e @ TrainError::Diverged { .. }) => Err((exit::INVALID_MODEL, e.to_string())),
-        Err(e @ TrainError::Data(_)) => Err(usage(e.to_string())),
-        Err(e) => Err((exit::USAGE, e.to_string())),
+    let summary = runtime::train(setup).map_err(train_error)?;
+    print_summary(&summary, output, &args.checkpoint_dir);
+    Ok(if summary.interrupted {
+        INTERRUPTED
+    } else {
+        exit::OK
+    })
+}
+
+/// Whether `--model` (or, without it, the file's first item) selects an
+/// ensemble item. A file that does not parse selects none, so that the
+/// model path reports its syntax error.
+fn names_ensemble(source: &str, model: Option<&str>) -> bool {
+    let Ok(program) = Program::parse(source) else {
+        return false;
+    };
+    match model {
+        Some(name) => program.ensemble(name).is_some(),
+        None => program.first_item_ensemble().is_some(),
+    }
+}
+
+/// The exit status and message of a failed run: a diverged run means an
+/// unusable model, anything else a data or I/O problem.
+pub(crate) fn train_error(e: TrainError) -> (u8, String) {
+    match e {
+        TrainError::Diverged { .. } => (exit::INVALID_MODEL, e.to_string()),
+        _ => (exit::USAGE, e.to_string()),
     }
 }
 
@@ -454,7 +499,11 @@ fn prepare_checkpoint_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn apply_overrides(instance: &mut Instance, args: &TrainArgs, resumed: Option<&Metadata>) {
+pub(crate) fn apply_overrides(
+    instance: &mut Instance,
+    args: &TrainArgs,
+    resumed: Option<&Metadata>,
+) {
     let config = &mut instance.train;
     if let Some(meta) = resumed {
         config.epochs = meta.epochs;

@@ -294,6 +294,24 @@ pub fn permutation(n: usize, seed: u64, stream: u64) -> Vec<usize> {
     order
 }
 
+/// Draws a bootstrap resample of `data`: as many samples as it has, drawn
+/// with replacement and seeded by `seed`, so a sample may appear several
+/// times or not at all (about 37% of them are left out).
+pub fn bootstrap(data: &Dataset, seed: u64) -> Dataset {
+    let n = data.len() as u64;
+    let indices: Vec<usize> = (0..n)
+        .map(|i| (rng::word(seed, BOOTSTRAP_STREAM, i) % n) as usize)
+        .collect();
+    let mut resample = data.subset(&indices);
+    resample.source = format!("{} (bootstrap resample, seed {seed})", data.source);
+    resample
+}
+
+/// Stream of the bootstrap draws: epochs shuffle on streams counted from 0
+/// and the validation split uses `u64::MAX - 1`, so the draws never repeat
+/// theirs.
+const BOOTSTRAP_STREAM: u64 = u64::MAX - 2;
+
 /// Splits off a seeded validation fraction.
 pub fn split(data: &Dataset, fraction: f64, seed: u64) -> (Dataset, Option<Dataset>) {
     let n_val = ((data.len() as f64) * fraction).round() as usize;
@@ -317,6 +335,56 @@ mod tests {
         assert_ne!(p[..10], (0..10).collect::<Vec<_>>()[..]);
         p.sort_unstable();
         assert_eq!(p, (0..1000).collect::<Vec<_>>());
+    }
+
+    /// A data set whose only feature is the sample's index, so that a
+    /// subset shows which samples it took.
+    fn indexed(n: usize) -> Dataset {
+        Dataset {
+            x: (0..n).map(|i| i as f32).collect(),
+            labels: vec![0; n],
+            features: 1,
+            source: "indexed".into(),
+        }
+    }
+
+    #[test]
+    fn bootstrap_is_deterministic_per_seed() {
+        let data = indexed(200);
+        assert_eq!(bootstrap(&data, 4).x, bootstrap(&data, 4).x);
+        assert_ne!(bootstrap(&data, 4).x, bootstrap(&data, 5).x);
+    }
+
+    #[test]
+    fn bootstrap_draws_n_with_replacement() {
+        let data = indexed(500);
+        let resample = bootstrap(&data, 1);
+        assert_eq!(resample.len(), 500);
+        let mut distinct = resample.x.clone();
+        distinct.sort_by(f32::total_cmp);
+        distinct.dedup();
+        // With replacement, about 63% of the samples are drawn at least once.
+        assert!(distinct.len() < 400, "{} distinct samples", distinct.len());
+        assert!(distinct.len() > 250, "{} distinct samples", distinct.len());
+    }
+
+    #[test]
+    fn bootstrap_draws_only_from_the_training_part() {
+        let data = indexed(300);
+        let (train, val) = split(&data, 0.2, 7);
+        let val = val.expect("a validation split");
+        let resample = bootstrap(&train, 3);
+        assert_eq!(resample.len(), train.len());
+        for value in &resample.x {
+            assert!(
+                train.x.contains(value),
+                "sample {value} is not a training sample"
+            );
+            assert!(
+                !val.x.contains(value),
+                "sample {value} is a validation sample"
+            );
+        }
     }
 
     #[test]

@@ -109,6 +109,7 @@ pub mod codes {
     pub const USE_BEFORE_DEFINITION: &str = "E0107";
     pub const DUPLICATE: &str = "E0108";
     pub const MISSING_DECLARATION: &str = "E0109";
+    pub const UNKNOWN_MODEL: &str = "E0110";
     pub const ADD_SHAPE_MISMATCH: &str = "E0201";
     pub const CONCAT_SHAPE_MISMATCH: &str = "E0202";
     pub const WINDOW_TOO_LARGE: &str = "E0203";
@@ -122,6 +123,8 @@ pub mod codes {
     pub const BAD_CONDITION: &str = "E0303";
     pub const INACTIVE_HPARAM: &str = "E0304";
     pub const BAD_TRAIN_SETTING: &str = "E0401";
+    pub const BAD_ENSEMBLE: &str = "E0501";
+    pub const ENSEMBLE_SHAPE: &str = "E0502";
     pub const UNREACHABLE: &str = "W0001";
     pub const UNUSED_HPARAM: &str = "W0002";
     pub const OVER_BUDGET: &str = "W0003";

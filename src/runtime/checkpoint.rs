@@ -98,6 +98,10 @@ pub struct Metadata {
     /// `--limit`: training used only the first this many samples.
     #[serde(default)]
     pub limit: Option<usize>,
+    /// Whether training used a bootstrap resample of the training part,
+    /// drawn with `seed` after the validation split was taken out.
+    #[serde(default)]
+    pub bootstrap: bool,
     pub normalization: Normalization,
     pub input_shape: Vec<usize>,
     pub classes: usize,

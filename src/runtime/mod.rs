@@ -83,6 +83,11 @@ pub struct TrainSetup {
     /// seed: members of a seed ensemble share one split, so that their
     /// validation predictions can be pooled.
     pub split_seed: Option<u64>,
+    /// Train on a bootstrap resample of the training part, drawn with the
+    /// model's seed after the validation split is taken out, so that
+    /// members of an ensemble see different data. Validation and test data
+    /// are never resampled.
+    pub bootstrap: bool,
 }
 
 /// See [`TrainSetup::on_epoch`].
@@ -161,6 +166,13 @@ impl Run {
             None => setup.split_seed.unwrap_or(config.seed),
         };
         let (mut train, mut val) = crate::data::split(&setup.train, setup.val_split, split_seed);
+        let bootstrap = match &setup.resume {
+            Some((checkpoint, _)) => checkpoint.meta.bootstrap,
+            None => setup.bootstrap,
+        };
+        if bootstrap {
+            train = crate::data::bootstrap(&train, config.seed);
+        }
         let mut test = setup.test.clone();
         let normalization = match &setup.resume {
             Some((checkpoint, _)) => checkpoint.meta.normalization.clone(),
@@ -208,6 +220,7 @@ impl Run {
                     val_split: setup.val_split,
                     split_seed: Some(split_seed),
                     limit: setup.limit,
+                    bootstrap,
                     normalization,
                     input_shape: shape.clone(),
                     classes,

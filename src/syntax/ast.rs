@@ -5,11 +5,13 @@
 
 use crate::diag::Span;
 
-/// A whole `.model` file: its models and its top-level blocks.
+/// A whole `.model` file: its models, its top-level blocks and its
+/// ensembles.
 #[derive(Debug, Clone, Default)]
 pub struct File {
     pub models: Vec<Model>,
     pub blocks: Vec<Block>,
+    pub ensembles: Vec<Ensemble>,
 }
 
 /// A name together with where it was written.
@@ -23,6 +25,15 @@ pub struct Ident {
 pub struct Model {
     pub name: Ident,
     pub body: Vec<Stmt>,
+    pub span: Span,
+}
+
+/// `ensemble NAME { settings }`: models of the file pooled into one
+/// predictor. The checker gives the settings their meaning.
+#[derive(Debug, Clone)]
+pub struct Ensemble {
+    pub name: Ident,
+    pub settings: Vec<Setting>,
     pub span: Span,
 }
 
@@ -96,7 +107,7 @@ pub struct Condition {
     pub span: Span,
 }
 
-/// `key = value` in a `train` or `budget` section.
+/// `key = value` in a `train` or `budget` section or an ensemble.
 #[derive(Debug, Clone)]
 pub struct Setting {
     pub key: Ident,

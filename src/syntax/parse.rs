@@ -76,6 +76,7 @@ fn convert(root: Option<Pair<Rule>>) -> File {
         match item.as_rule() {
             Rule::model => file.models.push(parse_model(item)),
             Rule::block => file.blocks.push(parse_block(item)),
+            Rule::ensemble => file.ensembles.push(parse_ensemble(item)),
             _ => {}
         }
     }
@@ -124,6 +125,7 @@ fn is_token(rule: Rule) -> bool {
             | Rule::kw_budget
             | Rule::kw_when
             | Rule::kw_in
+            | Rule::kw_ensemble
     )
 }
 
@@ -136,6 +138,18 @@ fn parse_model(pair: Pair<Rule>) -> Model {
         name,
         body,
         span: model_span,
+    }
+}
+
+fn parse_ensemble(pair: Pair<Rule>) -> Ensemble {
+    let ensemble_span = span(&pair);
+    let mut inner = meaningful(pair);
+    let name = parse_ident(inner.next().expect("grammar: ensemble has a name"));
+    let settings = inner.map(parse_setting).collect();
+    Ensemble {
+        name,
+        settings,
+        span: ensemble_span,
     }
 }
 
@@ -504,6 +518,7 @@ fn rule_name(rule: Rule) -> &'static str {
         Rule::file => "a file",
         Rule::model | Rule::kw_model => "`model`",
         Rule::block | Rule::kw_block => "`block`",
+        Rule::ensemble | Rule::kw_ensemble => "`ensemble`",
         Rule::block_inputs => "block inputs",
         Rule::block_params | Rule::block_param => "block settings",
         Rule::return_stmt | Rule::kw_return => "`return`",

@@ -469,6 +469,7 @@ fn train_trial(
         verify: 0,
         on_epoch: Some(pruning_hook(config, shared.clone(), next.trial.id)),
         split_seed: None,
+        bootstrap: false,
     };
     let result = runtime::train(setup);
     done.store(true, Ordering::SeqCst);
