@@ -1068,6 +1068,10 @@ unsafe fn pool(ctx: &Ctx, v: ValueId, x: ValueId, a: &PoolAttrs) {
                 let src = &xs[p * plane..][..plane];
                 // SAFETY: plane `p` of `y` belongs to this chunk alone.
                 let dst = std::slice::from_raw_parts_mut(y.get().add(p * cells), cells);
+                if k == 2 {
+                    max_pool_2x2(src, win.w, dst);
+                    continue;
+                }
                 for (oy, out) in dst.chunks_exact_mut(win.ow).enumerate() {
                     out.fill(f32::NEG_INFINITY);
                     for line in src[oy * k * win.w..].chunks_exact(win.w).take(k) {
@@ -1123,6 +1127,27 @@ fn for_each_cell(win: &Window, oy: usize, ox: usize, mut f: impl FnMut(usize)) {
             if let Some((iy, ix)) = win.source(oy, ox, ki, kj) {
                 f(iy * win.w + ix);
             }
+        }
+    }
+}
+
+/// 2x2 max pooling of a plane `w` wide whose windows tile it. The pairs
+/// of lines are reduced first, so each step is a plain vector maximum,
+/// with the same `max` calls in the same order as the general loop.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512bw+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn max_pool_2x2(src: &[f32], w: usize, dst: &mut [f32]) {
+    let ow = w / 2;
+    for (pair, out) in src.chunks_exact(2 * w).zip(dst.chunks_exact_mut(ow)) {
+        let (top, bottom) = pair.split_at(w);
+        for ((o, t), b) in out
+            .iter_mut()
+            .zip(top.chunks_exact(2))
+            .zip(bottom.chunks_exact(2))
+        {
+            *o = f32::NEG_INFINITY.max(t[0]).max(t[1]).max(b[0]).max(b[1]);
         }
     }
 }
