@@ -153,8 +153,8 @@ pub fn run(args: BenchArgs) -> u8 {
     exit::OK
 }
 
-/// Prints the kernels that take the most time, and each operator kind's
-/// share of the step, to standard error so `--json` output stays clean.
+/// Prints the slowest kernels and each operator kind's share of the step.
+/// The list goes to standard error, so `--json` output stays clean.
 fn print_profile(kernels: &[(String, f64)]) {
     let total: f64 = kernels.iter().map(|(_, t)| t).sum();
     let mut by_time: Vec<(usize, &(String, f64))> = kernels.iter().enumerate().collect();

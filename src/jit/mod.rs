@@ -393,7 +393,8 @@ impl Program {
         self.run_timed(arena, weights, input, labels, seed, threads, None)
     }
 
-    /// [`Program::run`], calling `on_kernel(i, time)` after kernel `i`.
+    /// Runs like [`Program::run`], calling `on_kernel(i, time)` after
+    /// kernel `i`.
     #[allow(clippy::too_many_arguments)]
     pub fn run_timed(
         &self,
@@ -432,8 +433,7 @@ impl Program {
         Ok(())
     }
 
-    /// A short description of kernel `i` for profiles: its operator and
-    /// output shape.
+    /// Describes kernel `i` for profiles by its operator and output shape.
     pub fn kernel_label(&self, i: usize) -> String {
         let describe = |v: ValueId| {
             let node = self.graph.node(v);

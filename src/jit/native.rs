@@ -347,9 +347,9 @@ struct ConvDims {
     band: usize,
 }
 
-/// The most `f32`s one band's im2col matrix may hold: 256 KiB, a quarter of
-/// a Zen 4 or Zen 5 core's L2 cache, which leaves room for the product's
-/// own packed copies of both operands.
+/// The max `f32`s one band's im2col matrix may hold: 256 KiB. Current x86
+/// server cores have 1-2 MiB of L2 cache, so the band and the product's
+/// packed copies of both operands fit together.
 const BAND_FLOATS: usize = 1 << 16;
 
 fn conv_dims(x: &[usize], y: &[usize], a: &ConvAttrs) -> ConvDims {
@@ -375,14 +375,14 @@ fn conv_dims(x: &[usize], y: &[usize], a: &ConvAttrs) -> ConvDims {
 }
 
 impl ConvDims {
-    /// The bands of output rows of one image.
+    /// Splits one image's output rows into bands.
     fn bands(&self) -> impl Iterator<Item = Range<usize>> + '_ {
         (0..self.win.oh)
             .step_by(self.band.max(1))
             .map(|start| start..(start + self.band).min(self.win.oh))
     }
 
-    /// The length of the im2col buffer one thread needs.
+    /// Returns the length of the im2col buffer one thread needs.
     fn cols_len(&self) -> usize {
         if self.pointwise {
             0
@@ -450,11 +450,11 @@ fn im2col(x: &[f32], c0: usize, cg: usize, win: &Window, band: Range<usize>, col
     }
 }
 
-/// One im2col row of a stride-1 convolution whose output is as wide as its
-/// input. Every valid tap of the band then reads the input plane at one
-/// fixed offset, so the row is a single copy, after which the few cells
-/// that wrapped around a line edge and the lines in the padding are zeroed.
-/// This replaces one short copy per output line.
+/// Fills one im2col row of a stride-1 convolution whose output is as wide
+/// as its input. Every valid tap of the band then reads the input plane at
+/// one fixed offset, so the row is a single copy. The few cells that
+/// wrapped around a line edge and the lines in the padding are zeroed
+/// after it. This replaces one short copy per output line.
 #[multiversion(targets(
     "x86_64+avx512f+avx512vl+avx512bw+avx512dq+avx2+fma",
     "x86_64+avx2+fma"
@@ -777,7 +777,7 @@ impl Padded {
 ///
 /// Every tap reads the padded plane at one fixed offset, so each tap is one
 /// long multiply-add over `wide`, the output with the padded plane's row
-/// stride; rows of 28 would leave 512-bit loops mostly in their scalar
+/// stride. Rows of 28 would leave 512-bit loops mostly in their scalar
 /// tails. The extra columns are computed and dropped.
 #[multiversion(targets(
     "x86_64+avx512f+avx512vl+avx512bw+avx512dq+avx2+fma",
@@ -1304,9 +1304,9 @@ fn plane_batchnorm_dx(
     }
 }
 
-/// The bias gradient, `Σ dy` per channel. Rows of a dense layer's `[N, U]`
-/// gradient are added in `f64` one whole row at a time, in the reference's
-/// order; convolution planes are summed like batch statistics.
+/// Computes the bias gradient, `Σ dy` per channel. Rows of a dense layer's
+/// `[N, U]` gradient are added in `f64` one whole row at a time, in the
+/// reference's order. Convolution planes are summed like batch statistics.
 unsafe fn bias_grad(ctx: &Ctx, v: ValueId, dy: ValueId) {
     let (n, c, inner) = planes(ctx.graph.shape(dy));
     let dys = ctx.read(dy);
