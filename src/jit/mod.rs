@@ -68,14 +68,13 @@ enum Compiled {
     Kernel(Kernel),
 }
 
-/// A contiguous run of parameters whose gradients (and optimizer buffers)
-/// are contiguous too, updated by one call.
+/// One parameter and its gradient in the arena, updated by one call.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct UpdateRun {
+    /// Index into the graph's parameters and the optimizer's buffers.
+    index: usize,
     param: usize,
     grad: usize,
-    /// Offset into the optimizer buffers.
-    buffer: usize,
     len: usize,
 }
 
@@ -150,36 +149,23 @@ fn layout(graph: &Graph, schedule: &Schedule) -> (Vec<usize>, usize, usize) {
     (offsets, next, params_len)
 }
 
-/// Pairs each parameter with its gradient, merging neighbours whose
-/// parameters, gradients and buffers all follow each other.
+/// Pairs each parameter with its gradient.
 fn update_runs(graph: &Graph, offsets: &[usize]) -> Vec<UpdateRun> {
     let param_nodes = graph.param_nodes();
     let mut grads = graph.grads.clone();
     grads.sort();
-    let mut runs: Vec<UpdateRun> = Vec::new();
-    for (p, g) in grads {
-        let Some(node) = param_nodes[p] else {
-            continue;
-        };
-        let param = offsets[node.index()];
-        let run = UpdateRun {
-            param,
-            grad: offsets[g.index()],
-            buffer: param,
-            len: graph.params[p].shape.iter().product(),
-        };
-        match runs.last_mut() {
-            Some(last)
-                if last.param + last.len == run.param
-                    && last.grad + last.len == run.grad
-                    && last.buffer + last.len == run.buffer =>
-            {
-                last.len += run.len;
-            }
-            _ => runs.push(run),
-        }
-    }
-    runs
+    grads
+        .into_iter()
+        .filter_map(|(p, g)| {
+            let node = param_nodes[p]?;
+            Some(UpdateRun {
+                index: p,
+                param: offsets[node.index()],
+                grad: offsets[g.index()],
+                len: graph.params[p].shape.iter().product(),
+            })
+        })
+        .collect()
 }
 
 fn new_module() -> Result<JITModule, JitError> {
@@ -554,62 +540,47 @@ impl Program {
             .min()
             .unwrap_or(0);
         let used = buffers_used(kind);
-        for (p, node) in param_nodes.iter().enumerate() {
-            let Some(node) = node else { continue };
-            let at = self.offsets[node.index()] - params_start;
-            for (k, buffer) in optimizer.buffers[p].iter().enumerate() {
-                let dst = &mut arena.buffers[k][at..][..weights.params[p].len()];
-                match buffer {
-                    Some(t) => copy_into(dst, t),
-                    None => dst.fill(0.0),
-                }
-            }
-        }
         let scalars = codegen::update_scalars(kind, optimizer.lr as f32, optimizer.step);
         let base = Ptr(arena.data.as_mut_ptr());
-        let bufs = [
-            Ptr(arena.buffers[0].as_mut_ptr()),
-            Ptr(arena.buffers[1].as_mut_ptr()),
-        ];
         for run in &self.update_runs {
+            // The kernel updates the optimizer's own buffers in place, so
+            // they never travel through the arena. A buffer the optimizer
+            // does not use points at arena scratch that the kernel ignores.
+            let shape = weights.params[run.index].raw_dim();
+            let mut buffers = [Ptr(std::ptr::null_mut()), Ptr(std::ptr::null_mut())];
+            for (k, slot) in optimizer.buffers[run.index].iter_mut().enumerate() {
+                buffers[k] = if used[k] {
+                    let tensor = slot.get_or_insert_with(|| Tensor::zeros(shape.clone()));
+                    if !tensor.is_standard_layout() {
+                        *tensor = tensor.as_standard_layout().into_owned();
+                    }
+                    Ptr(tensor.as_mut_ptr())
+                } else {
+                    Ptr(arena.buffers[k][run.param - params_start..].as_mut_ptr())
+                };
+            }
             let threads = if run.len < 1 << 16 { 1 } else { threads };
             native::chunks(threads, run.len.div_ceil(16), |_, blocks| {
                 let start = blocks.start * 16;
                 let len = (blocks.end * 16).min(run.len) - start;
-                let buffer = run.buffer - params_start + start;
-                // SAFETY: the run's ranges lie inside the arena and the
-                // buffers, and chunks cover disjoint element ranges.
+                // SAFETY: the parameter and gradient lie inside the arena,
+                // each buffer holds `run.len` values, and chunks cover
+                // disjoint element ranges.
                 unsafe {
                     update(
                         base.get().add(run.param + start),
                         base.get().add(run.grad + start),
-                        bufs[0].get().add(buffer),
-                        bufs[1].get().add(buffer),
+                        buffers[0].get().add(start),
+                        buffers[1].get().add(start),
                         len as u64,
                         scalars.as_ptr(),
                     );
                 }
             });
         }
-        let with_grads: Vec<usize> = self.graph.grads.iter().map(|(p, _)| *p).collect();
         for (p, node) in param_nodes.iter().enumerate() {
             let Some(node) = node else { continue };
             copy_from(&mut weights.params[p], self.slice(arena, *node));
-            if !with_grads.contains(&p) {
-                continue;
-            }
-            let at = self.offsets[node.index()] - params_start;
-            for (k, _) in used.iter().enumerate().filter(|(_, used)| **used) {
-                let src = &arena.buffers[k][at..][..weights.params[p].len()];
-                let slot = &mut optimizer.buffers[p][k];
-                match slot {
-                    Some(t) => copy_from(t, src),
-                    None => {
-                        let shape = weights.params[p].raw_dim();
-                        *slot = Some(Tensor::from_shape_vec(shape, src.to_vec()).expect("sizes"));
-                    }
-                }
-            }
         }
     }
 }
