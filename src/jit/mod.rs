@@ -543,9 +543,16 @@ impl Program {
         let scalars = codegen::update_scalars(kind, optimizer.lr as f32, optimizer.step);
         let base = Ptr(arena.data.as_mut_ptr());
         for run in &self.update_runs {
-            // The kernel updates the optimizer's own buffers in place, so
-            // they never travel through the arena. A buffer the optimizer
-            // does not use points at arena scratch that the kernel ignores.
+            // The kernel updates the parameter and the optimizer's buffers
+            // in place, so none of them travels back through the arena,
+            // whose copy of the parameter the next run reloads. A buffer
+            // the optimizer does not use points at arena scratch that the
+            // kernel ignores.
+            let param = &mut weights.params[run.index];
+            if !param.is_standard_layout() {
+                *param = param.as_standard_layout().into_owned();
+            }
+            let param = Ptr(param.as_mut_ptr());
             let shape = weights.params[run.index].raw_dim();
             let mut buffers = [Ptr(std::ptr::null_mut()), Ptr(std::ptr::null_mut())];
             for (k, slot) in optimizer.buffers[run.index].iter_mut().enumerate() {
@@ -563,12 +570,12 @@ impl Program {
             native::chunks(threads, run.len.div_ceil(16), |_, blocks| {
                 let start = blocks.start * 16;
                 let len = (blocks.end * 16).min(run.len) - start;
-                // SAFETY: the parameter and gradient lie inside the arena,
-                // each buffer holds `run.len` values, and chunks cover
-                // disjoint element ranges.
+                // SAFETY: the gradient lies inside the arena, the
+                // parameter and each buffer have `run.len` values, and
+                // chunks cover disjoint element ranges.
                 unsafe {
                     update(
-                        base.get().add(run.param + start),
+                        param.get().add(start),
                         base.get().add(run.grad + start),
                         buffers[0].get().add(start),
                         buffers[1].get().add(start),
@@ -577,10 +584,6 @@ impl Program {
                     );
                 }
             });
-        }
-        for (p, node) in param_nodes.iter().enumerate() {
-            let Some(node) = node else { continue };
-            copy_from(&mut weights.params[p], self.slice(arena, *node));
         }
     }
 }
