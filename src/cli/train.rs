@@ -391,10 +391,7 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
         .val_split
         .or(resumed.map(|m| m.val_split))
         .unwrap_or(0.1);
-    if let Some(limit) = limit {
-        let first: Vec<usize> = (0..limit.min(loaded.train.len())).collect();
-        loaded.train = loaded.train.subset(&first);
-    }
+    loaded.train.truncate(limit);
     let test = test_split(args.test_data.as_deref(), loaded.test, &args.label_column)?;
     let output = if args.json {
         Output::Json

@@ -180,10 +180,7 @@ fn problem(args: &TuneArgs) -> Result<Problem, (u8, String)> {
     }
     let mut loaded = data::load(&args.data, &label_column(&args.label_column))
         .map_err(|e| usage(e.to_string()))?;
-    if let Some(limit) = args.limit {
-        let first: Vec<usize> = (0..limit.min(loaded.train.len())).collect();
-        loaded.train = loaded.train.subset(&first);
-    }
+    loaded.train.truncate(args.limit);
     let test = test_split(args.test_data.as_deref(), loaded.test, &args.label_column)?;
     Ok(Problem {
         model_name: model.name.clone(),

@@ -69,6 +69,14 @@ impl Dataset {
         &self.x[i * self.features..(i + 1) * self.features]
     }
 
+    /// Keeps only the first `limit` samples, when a limit is given.
+    pub fn truncate(&mut self, limit: Option<usize>) {
+        if let Some(limit) = limit.filter(|&l| l < self.len()) {
+            let first: Vec<usize> = (0..limit).collect();
+            *self = self.subset(&first);
+        }
+    }
+
     /// Copies the samples at `indices`, in that order.
     pub fn subset(&self, indices: &[usize]) -> Dataset {
         let mut x = Vec::with_capacity(indices.len() * self.features);

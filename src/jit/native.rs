@@ -463,31 +463,60 @@ fn shifted_rows(
     src: &[f32],
     win: &Window,
     band: Range<usize>,
-    (ki, kj): (usize, usize),
+    tap: (usize, usize),
     row: &mut [f32],
 ) {
-    let ow = win.ow;
-    let dy = ki * win.dilation;
-    let xs = valid_columns(win, kj * win.dilation);
-
-    // Output lines whose input line `oy + dy - top` lies inside the plane.
-    let lines_lo = win.top.saturating_sub(dy).max(band.start);
-    let lines_hi = (win.h + win.top).saturating_sub(dy).min(band.end);
-    if lines_lo >= lines_hi || xs.is_empty() {
+    let Some(span) = ShiftedSpan::of(win, band, tap) else {
         row.fill(0.0);
         return;
+    };
+    row[..span.first].fill(0.0);
+    row[span.first..span.last].copy_from_slice(&src[span.plane..][..span.last - span.first]);
+    row[span.last..].fill(0.0);
+    span.zero_wrapped(row, win.ow);
+}
+
+/// Where one tap's im2col row of a band meets the input plane, for a
+/// stride-1 convolution whose output is as wide as its input.
+struct ShiftedSpan {
+    /// Output lines whose input line `oy + ki·d - top` lies inside the
+    /// plane, counted from the band's first line.
+    lines: Range<usize>,
+    /// Output columns whose input column lies inside the plane.
+    columns: Range<usize>,
+    /// The row's cells `first..last` match the plane's cells from `plane`
+    /// on, one to one.
+    first: usize,
+    last: usize,
+    plane: usize,
+}
+
+impl ShiftedSpan {
+    fn of(win: &Window, band: Range<usize>, (ki, kj): (usize, usize)) -> Option<ShiftedSpan> {
+        let (ow, dy) = (win.ow, ki * win.dilation);
+        let columns = valid_columns(win, kj * win.dilation);
+        let lo = win.top.saturating_sub(dy).max(band.start);
+        let hi = (win.h + win.top).saturating_sub(dy).min(band.end);
+        if lo >= hi || columns.is_empty() {
+            return None;
+        }
+        Some(ShiftedSpan {
+            first: (lo - band.start) * ow + columns.start,
+            last: (hi - 1 - band.start) * ow + columns.end,
+            plane: (lo + dy - win.top) * win.w + columns.start + kj * win.dilation - win.left,
+            lines: lo - band.start..hi - band.start,
+            columns,
+        })
     }
 
-    let first = (lines_lo - band.start) * ow + xs.start;
-    let last = (lines_hi - 1 - band.start) * ow + xs.end;
-    let source = (lines_lo + dy - win.top) * win.w + xs.start + kj * win.dilation - win.left;
-    row[..first].fill(0.0);
-    row[first..last].copy_from_slice(&src[source..][..last - first]);
-    row[last..].fill(0.0);
-    for line in lines_lo..lines_hi {
-        let line = &mut row[(line - band.start) * ow..][..ow];
-        line[..xs.start].fill(0.0);
-        line[xs.end..].fill(0.0);
+    /// Zeroes the cells of the span's lines that fall outside the valid
+    /// columns: the one-to-one copy wrapped them around a line edge.
+    fn zero_wrapped(&self, row: &mut [f32], ow: usize) {
+        for line in self.lines.clone() {
+            let line = &mut row[line * ow..][..ow];
+            line[..self.columns.start].fill(0.0);
+            line[self.columns.end..].fill(0.0);
+        }
     }
 }
 
@@ -552,30 +581,15 @@ fn add_shifted_rows(
     row: &mut [f32],
     win: &Window,
     band: Range<usize>,
-    (ki, kj): (usize, usize),
+    tap: (usize, usize),
     plane: &mut [f32],
 ) {
-    let ow = win.ow;
-    let dy = ki * win.dilation;
-    let xs = valid_columns(win, kj * win.dilation);
-    let lines_lo = win.top.saturating_sub(dy).max(band.start);
-    let lines_hi = (win.h + win.top).saturating_sub(dy).min(band.end);
-    if lines_lo >= lines_hi || xs.is_empty() {
+    let Some(span) = ShiftedSpan::of(win, band, tap) else {
         return;
-    }
-
-    for line in lines_lo..lines_hi {
-        let line = &mut row[(line - band.start) * ow..][..ow];
-        line[..xs.start].fill(0.0);
-        line[xs.end..].fill(0.0);
-    }
-    let first = (lines_lo - band.start) * ow + xs.start;
-    let last = (lines_hi - 1 - band.start) * ow + xs.end;
-    let target = (lines_lo + dy - win.top) * win.w + xs.start + kj * win.dilation - win.left;
-    for (d, v) in plane[target..][..last - first]
-        .iter_mut()
-        .zip(&row[first..last])
-    {
+    };
+    span.zero_wrapped(row, win.ow);
+    let target = &mut plane[span.plane..][..span.last - span.first];
+    for (d, v) in target.iter_mut().zip(&row[span.first..span.last]) {
         *d += v;
     }
 }
