@@ -604,3 +604,89 @@ fn invalid_numbers_are_rejected() {
         );
     }
 }
+
+/// Rewrites the kiln metadata in a checkpoint's safetensors header with
+/// `edit`, keeping the tensors.
+fn edit_metadata(path: &Path, edit: impl Fn(&mut serde_json::Value)) {
+    let bytes = std::fs::read(path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let kiln = header["__metadata__"]["kiln"].as_str().unwrap().to_string();
+    let mut meta: serde_json::Value = serde_json::from_str(&kiln).unwrap();
+    edit(&mut meta);
+    header["__metadata__"]["kiln"] = serde_json::Value::String(meta.to_string());
+    let mut text = header.to_string().into_bytes();
+    // safetensors pads the header to a multiple of 8 bytes with spaces.
+    while !text.len().is_multiple_of(8) {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + header_len..]);
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn mismatched_normalisation_is_an_invalid_checkpoint() {
+    let dir = temp_dir("normalisation");
+    let model = write_model(&dir, SMALL_MODEL);
+    let checkpoints = dir.join("ckpt");
+    let out = kiln(&[
+        "train",
+        &model,
+        "--data",
+        "data/digits.csv.gz",
+        "--epochs",
+        "1",
+        "--checkpoint-dir",
+        checkpoints.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let best = checkpoints.join("best.safetensors");
+    let original = std::fs::read(&best).unwrap();
+
+    let edits: [(&str, serde_json::Value, serde_json::Value); 4] = [
+        (
+            "three means",
+            serde_json::json!([0.1, 0.2, 0.3]),
+            serde_json::json!([1.0, 1.0, 1.0]),
+        ),
+        ("no means", serde_json::json!([]), serde_json::json!([])),
+        (
+            "two means",
+            serde_json::json!([0.1, 0.2]),
+            serde_json::json!([1.0, 1.0]),
+        ),
+        (
+            "zero std",
+            serde_json::json!([0.1]),
+            serde_json::json!([0.0]),
+        ),
+    ];
+    for (case, mean, std) in edits {
+        std::fs::write(&best, &original).unwrap();
+        edit_metadata(&best, |meta| {
+            meta["normalization"]["mean"] = mean.clone();
+            meta["normalization"]["std"] = std.clone();
+        });
+        let predictions = dir.join("predictions.csv");
+        let predict = ["--out", predictions.to_str().unwrap()];
+        for (command, extra) in [("eval", &[][..]), ("predict", &predict[..])] {
+            let mut args = vec![
+                command,
+                best.to_str().unwrap(),
+                "--data",
+                "data/digits.csv.gz",
+            ];
+            args.extend_from_slice(extra);
+            let out = kiln(&args);
+            let stderr = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{case}, {command}: {stderr}");
+            assert!(!stderr.contains("panicked"), "{case}, {command}: {stderr}");
+            assert!(
+                stderr.contains("normalisation"),
+                "{case}, {command}: {stderr}"
+            );
+        }
+    }
+}

@@ -906,11 +906,17 @@ unsafe fn depthwise(ctx: &Ctx, v: ValueId, inputs: &[ValueId], a: &ConvAttrs) {
 }
 
 /// Calls `f(ki, kj, oy, valid output columns, input row)` for every kernel
-/// tap and output row whose input row lies inside the image.
+/// tap and output row whose input row and some input column lie inside the
+/// image.
 fn for_each_tap(win: &Window, mut f: impl FnMut(usize, usize, usize, Range<usize>, usize)) {
     for ki in 0..win.kernel {
         for kj in 0..win.kernel {
             let xs = valid_columns(win, kj * win.dilation);
+            // A tap whose every column is padding reads nothing, and its
+            // first input column may lie past the line's end.
+            if xs.is_empty() {
+                continue;
+            }
             for oy in 0..win.oh {
                 let iy = (oy * win.stride + ki * win.dilation).checked_sub(win.top);
                 if let Some(iy) = iy.filter(|&iy| iy < win.h) {

@@ -223,6 +223,46 @@ pub fn decode_f32(name: &str, view: &TensorView) -> Result<Tensor, String> {
     Tensor::from_shape_vec(IxDyn(view.shape()), values).map_err(|e| format!("tensor `{name}`: {e}"))
 }
 
+impl Metadata {
+    /// Checks that the stored input normalisation has one finite mean and
+    /// one positive, finite standard deviation per input channel, as
+    /// [`Normalization::apply`] needs.
+    ///
+    /// # Errors
+    /// Describes the first mismatch.
+    pub fn check_normalization(&self) -> Result<(), String> {
+        let norm = &self.normalization;
+        let channels = if self.input_shape.len() == 3 {
+            self.input_shape[0]
+        } else {
+            1
+        };
+        if norm.mean.len() != channels || norm.std.len() != channels {
+            return Err(format!(
+                "the normalisation has {} means and {} standard deviations, but the input {:?} has {channels} channel(s)",
+                norm.mean.len(),
+                norm.std.len(),
+                self.input_shape
+            ));
+        }
+        if !(norm.scale.is_finite() && norm.scale > 0.0) {
+            return Err(format!(
+                "the normalisation scale {} is not a positive number",
+                norm.scale
+            ));
+        }
+        if let Some(m) = norm.mean.iter().find(|m| !m.is_finite()) {
+            return Err(format!("the normalisation mean {m} is not finite"));
+        }
+        if let Some(s) = norm.std.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            return Err(format!(
+                "the normalisation standard deviation {s} is not a positive number"
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Checkpoint {
     /// A checkpoint from its metadata and tensors by name, as an ensemble
     /// file stores its members.
@@ -256,6 +296,7 @@ impl Checkpoint {
                 meta.format
             )));
         }
+        meta.check_normalization().map_err(invalid)?;
         let tensors = SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
         let mut map = HashMap::new();
         for (name, view) in tensors.tensors() {
@@ -268,8 +309,17 @@ impl Checkpoint {
     /// Looks up the weights for `graph` by name.
     ///
     /// # Errors
-    /// Names the first tensor that is missing or has the wrong shape.
+    /// When the stored normalisation does not fit the input, or names the
+    /// first tensor that is missing or has the wrong shape.
     pub fn weights(&self, graph: &Graph, path: &Path) -> Result<Weights, CheckpointError> {
+        // Members of an ensemble file arrive through `from_parts`, not
+        // `load`, so their metadata is checked here as well.
+        self.meta
+            .check_normalization()
+            .map_err(|reason| CheckpointError::Invalid {
+                path: path.to_path_buf(),
+                reason,
+            })?;
         let get = |name: &str, shape: &[usize]| {
             let t = self
                 .tensors
