@@ -643,3 +643,81 @@ fn killed_sweep_resumes_without_losing_trials() {
     numbers.dedup();
     assert_eq!(numbers.len(), trials.len(), "trial numbers repeat");
 }
+
+/// Removes the terminal colour codes that `tracing` puts around fields.
+fn strip_ansi(text: &str) -> String {
+    let mut plain = String::new();
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
+/// A trial whose run folder cannot be written trains without summaries,
+/// with one warning, and the sweep goes on to log later trials.
+#[test]
+fn tune_logdir_write_failure_only_warns() {
+    let dir = temp_dir("logfail");
+    std::fs::write(dir.join("m.model"), DIGITS_SEARCH).unwrap();
+    let data = digits();
+    let tune = |trials: &str| {
+        kiln(
+            &dir,
+            &[
+                "tune",
+                "m.model",
+                "--data",
+                &data,
+                "--trials",
+                trials,
+                "--pruner",
+                "none",
+                "--jobs",
+                "1",
+                "--threads",
+                "1",
+                "--epochs",
+                "1",
+                "--study",
+                "w.study",
+                "--logdir",
+                "logs",
+            ],
+        )
+    };
+    let out = tune("1");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A regular file where trial 1's run folder belongs makes every write
+    // of that trial fail, as a full disk would.
+    std::fs::write(dir.join("logs/trial-1"), "not a folder").unwrap();
+
+    let out = tune("3");
+    let stderr = strip_ansi(&String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let trials = trials_in(&dir.join("w.study"));
+    assert_eq!(trials.len(), 3, "{trials:#?}");
+    assert!(
+        trials.iter().all(|t| t.state == TrialState::Complete),
+        "{trials:#?}"
+    );
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("cannot write TensorBoard summaries"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(warnings[0].contains("trial=1"), "{stderr}");
+    assert!(warnings[0].contains("trial-1"), "{stderr}");
+    assert!(warnings[0].contains("WARN"), "{stderr}");
+    let trial_2 = std::fs::read_dir(dir.join("logs/trial-2")).unwrap().count();
+    assert!(trial_2 >= 3, "trial 2 has {trial_2} event files");
+}

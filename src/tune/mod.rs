@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use storage::{NewTrial, Storage, StorageError, Trial, TrialEnd, TrialState};
+use tensorboard::TrialLog;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TuneError {
@@ -197,17 +198,19 @@ fn worker(
         let Some(next) = claim_next(problem, config, shared, grid, events)? else {
             return Ok(());
         };
-        write_summaries(config, next.trial.number, |logdir| {
+        let log = TrialLog::new(config.logdir.as_deref(), next.trial.number);
+        log.write(|logdir| {
             tensorboard::start_session(logdir, &problem.space, &next.trial, &next.point)
         });
-        let end = run_trial(problem, config, shared, &next, interrupt);
+        let end = run_trial(problem, config, shared, &next, &log, interrupt);
         let mut storage = shared.lock().expect("storage lock");
         storage.finish(next.trial.id, &end)?;
         let trials = storage.trials()?;
         drop(storage);
-        write_summaries(config, next.trial.number, |logdir| {
-            tensorboard::end_session(logdir, next.trial.number, end.state)
-        });
+        // The end is written even after a failed write, because space may
+        // have been freed since, and a session without an end shows as
+        // running forever.
+        log.write(|logdir| tensorboard::end_session(logdir, next.trial.number, end.state));
         if let Some(trial) = trials.iter().find(|t| t.id == next.trial.id) {
             events(Event::Finished {
                 trial,
@@ -378,6 +381,7 @@ fn run_trial(
     config: &TuneConfig,
     shared: &Shared,
     next: &Next,
+    log: &TrialLog,
     interrupt: &Arc<AtomicBool>,
 ) -> TrialEnd {
     let rejected = |error: String| TrialEnd {
@@ -411,7 +415,7 @@ fn run_trial(
     if let Some(epochs) = config.epochs {
         instance.train.epochs = epochs;
     }
-    train_trial(problem, config, shared, next, instance, interrupt)
+    train_trial(problem, config, shared, next, instance, log, interrupt)
 }
 
 fn train_trial(
@@ -420,6 +424,7 @@ fn train_trial(
     shared: &Shared,
     next: &Next,
     instance: crate::check::Instance,
+    log: &TrialLog,
     interrupt: &Arc<AtomicBool>,
 ) -> TrialEnd {
     let failed = |error: String| TrialEnd {
@@ -456,10 +461,7 @@ fn train_trial(
         val_split: config.val_split,
         limit: config.limit,
         checkpoint_dir: checkpoint_dir.clone(),
-        logdir: config
-            .logdir
-            .as_ref()
-            .map(|dir| tensorboard::run_dir(dir, next.trial.number)),
+        logdir: log.training_dir(),
         log_every: 50,
         output: Output::Quiet,
         resume: None,
@@ -468,6 +470,7 @@ fn train_trial(
         threads: config.threads,
         verify: 0,
         on_epoch: Some(pruning_hook(config, shared.clone(), next.trial.id)),
+        on_log_error: Some(log.training_hook()),
         split_seed: None,
         bootstrap: false,
     };
