@@ -721,3 +721,52 @@ fn tune_logdir_write_failure_only_warns() {
     let trial_2 = std::fs::read_dir(dir.join("logs/trial-2")).unwrap().count();
     assert!(trial_2 >= 3, "trial 2 has {trial_2} event files");
 }
+
+/// A sweep stopped by failures says how to go on, and once their cause is
+/// gone the same command resumes the study: earlier failures do not count
+/// toward the limit again.
+#[test]
+fn tune_resumes_after_failure_limit() {
+    let dir = temp_dir("failcap");
+    std::fs::write(dir.join("m.model"), DIGITS_SEARCH).unwrap();
+    let data = digits();
+    // A regular file where the trials' checkpoint folder belongs fails
+    // every trial before it trains.
+    std::fs::write(dir.join("f.study.trials"), "not a folder").unwrap();
+    let tune = || {
+        kiln(
+            &dir,
+            &[
+                "tune",
+                "m.model",
+                "--data",
+                &data,
+                "--trials",
+                "1",
+                "--jobs",
+                "1",
+                "--threads",
+                "1",
+                "--epochs",
+                "1",
+                "--study",
+                "f.study",
+            ],
+        )
+    };
+    let out = tune();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("stopping: 10 trials failed"), "{stderr}");
+    assert!(stderr.contains("run the same command again"), "{stderr}");
+    let failed = trials_in(&dir.join("f.study"));
+    assert_eq!(failed.len(), 10, "{failed:#?}");
+
+    std::fs::remove_file(dir.join("f.study.trials")).unwrap();
+    let out = tune();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let trials = trials_in(&dir.join("f.study"));
+    assert_eq!(trials.len(), 11, "{trials:#?}");
+    assert_eq!(trials[10].state, TrialState::Complete, "{trials:#?}");
+}

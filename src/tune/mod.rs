@@ -6,7 +6,9 @@
 //! database. It then checks the point statically, trains it with a pruner
 //! watching every epoch, and records how it ended. A trial that fails never
 //! stops the sweep. The study aims at `--trials` finished trials (complete or
-//! pruned); failed and rejected trials do not count towards it.
+//! pruned); failed and rejected trials do not count towards it. A command
+//! stops after twice `--trials` (at least 10) failed or rejected trials of
+//! its own, and failures of earlier commands never stop a later one.
 
 pub mod pruner;
 pub mod report;
@@ -168,11 +170,22 @@ pub fn run(
             ))
         })?;
     }
+    let first = {
+        let trials = shared.lock().expect("storage lock").trials()?;
+        trials.iter().map(|t| t.number + 1).max().unwrap_or(0)
+    };
     let errors: Mutex<Vec<TuneError>> = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
         for _ in 0..config.jobs.max(1) {
             scope.spawn(|| {
-                if let Err(e) = worker(problem, config, &shared, &grid, &interrupt, events) {
+                let sweep = Sweep {
+                    problem,
+                    config,
+                    shared: &shared,
+                    grid: &grid,
+                    first,
+                };
+                if let Err(e) = worker(&sweep, &interrupt, events) {
                     interrupt.store(true, Ordering::SeqCst);
                     errors.lock().expect("errors lock").push(e);
                 }
@@ -186,16 +199,31 @@ pub fn run(
     Ok(trials)
 }
 
+/// What every worker of one `kiln tune` command shares.
+struct Sweep<'a> {
+    problem: &'a Problem,
+    config: &'a TuneConfig,
+    shared: &'a Shared,
+    grid: &'a [Point],
+    /// The number of the first trial this command may run. Only failures
+    /// from here on count toward the limit, so that a study stopped by
+    /// failures resumes once their cause is fixed.
+    first: i64,
+}
+
 fn worker(
-    problem: &Problem,
-    config: &TuneConfig,
-    shared: &Shared,
-    grid: &[Point],
+    sweep: &Sweep,
     interrupt: &Arc<AtomicBool>,
     events: &(dyn Fn(Event) + Sync),
 ) -> Result<(), TuneError> {
+    let Sweep {
+        problem,
+        config,
+        shared,
+        ..
+    } = *sweep;
     while !interrupt.load(Ordering::SeqCst) {
-        let Some(next) = claim_next(problem, config, shared, grid, events)? else {
+        let Some(next) = claim_next(sweep, events)? else {
             return Ok(());
         };
         let log = TrialLog::new(config.logdir.as_deref(), next.trial.number);
@@ -249,11 +277,12 @@ fn finished(trials: &[Trial]) -> usize {
         .count()
 }
 
-/// Failed and rejected trials, not counting unfinished ones that are
-/// retried.
-fn failures(trials: &[Trial]) -> usize {
+/// Failed and rejected trials numbered `first` or later, not counting
+/// unfinished ones that are retried.
+fn failures(trials: &[Trial], first: i64) -> usize {
     trials
         .iter()
+        .filter(|t| t.number >= first)
         .filter(|t| match t.state {
             TrialState::Rejected => true,
             TrialState::Failed => !t.error.as_deref().unwrap_or("").starts_with(UNFINISHED),
@@ -264,13 +293,18 @@ fn failures(trials: &[Trial]) -> usize {
 
 /// Picks and claims the next trial, or returns `None` when the study has
 /// enough.
-fn claim_next(
-    problem: &Problem,
-    config: &TuneConfig,
-    shared: &Shared,
-    grid: &[Point],
-    events: &(dyn Fn(Event) + Sync),
-) -> Result<Option<Next>, TuneError> {
+fn claim_next(sweep: &Sweep, events: &(dyn Fn(Event) + Sync)) -> Result<Option<Next>, TuneError> {
+    let Sweep {
+        problem,
+        config,
+        shared,
+        grid,
+        first,
+    } = *sweep;
+    // Failures do not count toward `--trials`, so without a limit a cause
+    // that fails every trial would keep the sweep going forever. Failures
+    // caused by the machine (a full disk, a missing folder) count as well
+    // for that reason.
     let max_failures = (2 * config.trials).max(10);
     let target = config.trials;
     let mut storage = shared.lock().expect("storage lock");
@@ -289,13 +323,15 @@ fn claim_next(
         });
     }
     let trials = storage.trials()?;
-    if failures(&trials) >= max_failures {
+    let failed = failures(&trials, first);
+    if failed >= max_failures {
         // Every worker stops here, and the first one to see the limit
         // prints the note.
         if !STOP_ANNOUNCED.swap(true, Ordering::SeqCst) {
             events(Event::Note(format!(
-                "stopping: {} trials failed or were rejected",
-                failures(&trials)
+                "stopping: {failed} trials failed or were rejected in this run \
+                 (the limit is twice --trials, at least 10); fix what their errors \
+                 show and run the same command again to resume the study"
             )));
         }
         return Ok(None);
