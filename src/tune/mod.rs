@@ -308,20 +308,7 @@ fn claim_next(sweep: &Sweep, events: &(dyn Fn(Event) + Sync)) -> Result<Option<N
     let max_failures = (2 * config.trials).max(10);
     let target = config.trials;
     let mut storage = shared.lock().expect("storage lock");
-    for dead in storage.reap_dead()? {
-        events(Event::Note(format!(
-            "trial {} was left running by a stopped process; marked failed",
-            dead.number
-        )));
-        // Only a session that was started gets an end: a sweep without
-        // --logdir may have run the trial.
-        write_summaries(config, dead.number, |logdir| {
-            if !tensorboard::run_dir(logdir, dead.number).is_dir() {
-                return Ok(());
-            }
-            tensorboard::end_session(logdir, dead.number, TrialState::Failed)
-        });
-    }
+    reap_dead(storage.as_mut(), config, events)?;
     let trials = storage.trials()?;
     let failed = failures(&trials, first);
     if failed >= max_failures {
@@ -357,6 +344,29 @@ fn claim_next(sweep: &Sweep, events: &(dyn Fn(Event) + Sync)) -> Result<Option<N
         trial,
         point: params,
     }))
+}
+
+/// Marks the trials of dead workers as failed and ends their sessions.
+fn reap_dead(
+    storage: &mut dyn Storage,
+    config: &TuneConfig,
+    events: &(dyn Fn(Event) + Sync),
+) -> Result<(), TuneError> {
+    for dead in storage.reap_dead()? {
+        events(Event::Note(format!(
+            "trial {} was left running by a stopped process; marked failed",
+            dead.number
+        )));
+        // Only a session that was started gets an end: a sweep without
+        // --logdir may have run the trial.
+        write_summaries(config, dead.number, |logdir| {
+            if !tensorboard::run_dir(logdir, dead.number).is_dir() {
+                return Ok(());
+            }
+            tensorboard::end_session(logdir, dead.number, TrialState::Failed)
+        });
+    }
+    Ok(())
 }
 
 /// The next point: a retry of an unfinished trial, the next grid point, or
