@@ -10,6 +10,7 @@
 //! stops after twice `--trials` (at least 10) failed or rejected trials of
 //! its own, and failures of earlier commands never stop a later one.
 
+pub mod logdir;
 pub mod pruner;
 pub mod report;
 pub mod sampler;
