@@ -477,29 +477,32 @@ fn tune_logdir_feeds_hparams_dashboard() {
     // One single-threaded job and the grid sampler make the sweep
     // deterministic: with seed 0 it has complete, pruned and rejected
     // trials.
-    let out = kiln(
-        &dir,
-        &[
-            "tune",
-            "m.model",
-            "--data",
-            &data,
-            "--trials",
-            "6",
-            "--sampler",
-            "grid",
-            "--jobs",
-            "1",
-            "--threads",
-            "1",
-            "--seed",
-            "0",
-            "--study",
-            "h.study",
-            "--logdir",
-            "logs",
-        ],
-    );
+    let tune = |trials: &str| {
+        kiln(
+            &dir,
+            &[
+                "tune",
+                "m.model",
+                "--data",
+                &data,
+                "--trials",
+                trials,
+                "--sampler",
+                "grid",
+                "--jobs",
+                "1",
+                "--threads",
+                "1",
+                "--seed",
+                "0",
+                "--study",
+                "h.study",
+                "--logdir",
+                "logs",
+            ],
+        )
+    };
+    let out = tune("6");
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -518,8 +521,24 @@ fn tune_logdir_feeds_hparams_dashboard() {
             state.as_str()
         );
     }
+    check_hparams(&dir);
 
-    let out = kiln(&dir, &["study", "h.study", "--json"]);
+    // Resuming the study into the same logdir adds sessions for the new
+    // trials and keeps the experiment readable.
+    let out = tune("8");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check_hparams(&dir);
+}
+
+/// Runs `tests/tensorboard_hparams_check.py` on the `logs` folder and the
+/// `h.study` database in `dir`.
+fn check_hparams(dir: &Path) {
+    let out = kiln(dir, &["study", "h.study", "--json"]);
     assert_eq!(out.status.code(), Some(0));
     std::fs::write(dir.join("study.json"), &out.stdout).unwrap();
     let check = Command::new("python3")
@@ -642,4 +661,234 @@ fn killed_sweep_resumes_without_losing_trials() {
     let mut numbers: Vec<i64> = trials.iter().map(|t| t.number).collect();
     numbers.dedup();
     assert_eq!(numbers.len(), trials.len(), "trial numbers repeat");
+}
+
+/// Removes the terminal colour codes that `tracing` puts around fields.
+fn strip_ansi(text: &str) -> String {
+    let mut plain = String::new();
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
+/// A trial whose run folder cannot be written trains without summaries,
+/// with one warning, and the sweep goes on to log later trials.
+#[test]
+fn tune_logdir_write_failure_only_warns() {
+    let dir = temp_dir("logfail");
+    std::fs::write(dir.join("m.model"), DIGITS_SEARCH).unwrap();
+    let data = digits();
+    let tune = |trials: &str| {
+        kiln(
+            &dir,
+            &[
+                "tune",
+                "m.model",
+                "--data",
+                &data,
+                "--trials",
+                trials,
+                "--pruner",
+                "none",
+                "--jobs",
+                "1",
+                "--threads",
+                "1",
+                "--epochs",
+                "1",
+                "--study",
+                "w.study",
+                "--logdir",
+                "logs",
+            ],
+        )
+    };
+    let out = tune("1");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A regular file where trial 1's run folder belongs makes every write
+    // of that trial fail, as a full disk would.
+    std::fs::write(dir.join("logs/trial-1"), "not a folder").unwrap();
+
+    let out = tune("3");
+    let stderr = strip_ansi(&String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let trials = trials_in(&dir.join("w.study"));
+    assert_eq!(trials.len(), 3, "{trials:#?}");
+    assert!(
+        trials.iter().all(|t| t.state == TrialState::Complete),
+        "{trials:#?}"
+    );
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("cannot write TensorBoard summaries"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(warnings[0].contains("trial=1"), "{stderr}");
+    assert!(warnings[0].contains("trial-1"), "{stderr}");
+    assert!(warnings[0].contains("WARN"), "{stderr}");
+    let trial_2 = std::fs::read_dir(dir.join("logs/trial-2")).unwrap().count();
+    assert!(trial_2 >= 3, "trial 2 has {trial_2} event files");
+}
+
+/// A sweep stopped by failures prints how to go on, and once their cause
+/// is gone the same command resumes the study, because earlier failures do
+/// not count toward the limit again.
+#[test]
+fn tune_resumes_after_failure_limit() {
+    let dir = temp_dir("failcap");
+    std::fs::write(dir.join("m.model"), DIGITS_SEARCH).unwrap();
+    let data = digits();
+    // A regular file where the trials' checkpoint folder belongs fails
+    // every trial before it trains.
+    std::fs::write(dir.join("f.study.trials"), "not a folder").unwrap();
+    let tune = || {
+        kiln(
+            &dir,
+            &[
+                "tune",
+                "m.model",
+                "--data",
+                &data,
+                "--trials",
+                "1",
+                "--jobs",
+                "1",
+                "--threads",
+                "1",
+                "--epochs",
+                "1",
+                "--study",
+                "f.study",
+            ],
+        )
+    };
+    let out = tune();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("stopping: 10 trials failed"), "{stderr}");
+    assert!(stderr.contains("run the same command again"), "{stderr}");
+    let failed = trials_in(&dir.join("f.study"));
+    assert_eq!(failed.len(), 10, "{failed:#?}");
+
+    std::fs::remove_file(dir.join("f.study.trials")).unwrap();
+    let out = tune();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let trials = trials_in(&dir.join("f.study"));
+    assert_eq!(trials.len(), 11, "{trials:#?}");
+    assert_eq!(trials[10].state, TrialState::Complete, "{trials:#?}");
+}
+
+/// Arguments of a one-trial, one-epoch sweep of `m.model` into `study`.
+fn quick_tune<'a>(data: &'a str, study: &'a str, logdir: &'a str) -> Vec<&'a str> {
+    vec![
+        "tune",
+        "m.model",
+        "--data",
+        data,
+        "--trials",
+        "1",
+        "--pruner",
+        "none",
+        "--jobs",
+        "1",
+        "--threads",
+        "1",
+        "--epochs",
+        "1",
+        "--study",
+        study,
+        "--logdir",
+        logdir,
+    ]
+}
+
+/// Lists the names in `dir`, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A logdir contains one study's sweep. Another study, or a new study at the
+/// path of a deleted one, is rejected before it trains or writes anything.
+#[test]
+fn tune_logdir_rejects_another_study() {
+    let dir = temp_dir("two-studies");
+    std::fs::write(dir.join("m.model"), DIGITS_SEARCH).unwrap();
+    let data = digits();
+    let out = kiln(&dir, &quick_tune(&data, "a.study", "logs"));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let logs = names_in(&dir.join("logs"));
+
+    let out = kiln(&dir, &quick_tune(&data, "b.study", "logs"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("a.study"), "{stderr}");
+    assert!(stderr.contains("new --logdir"), "{stderr}");
+    assert!(!dir.join("b.study").exists());
+    assert_eq!(names_in(&dir.join("logs")), logs);
+
+    std::fs::remove_file(dir.join("a.study")).unwrap();
+    let out = kiln(&dir, &quick_tune(&data, "a.study", "logs"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no longer exists"), "{stderr}");
+    assert!(!dir.join("a.study").exists());
+    assert_eq!(names_in(&dir.join("logs")), logs);
+}
+
+/// A logdir that cannot be a folder is rejected before the study database
+/// is created.
+#[test]
+fn tune_rejected_logdir_creates_no_study() {
+    let dir = temp_dir("bad-logdir");
+    std::fs::write(dir.join("m.model"), DIGITS_SEARCH).unwrap();
+    std::fs::write(dir.join("file"), "").unwrap();
+    let data = digits();
+    // No process may create folders in `/proc`, root included.
+    let mut cases = vec![
+        ("file", "is not a folder"),
+        ("file/logs", "not a folder"),
+        ("/proc/kiln-logs", "cannot create"),
+    ];
+    // Root may write into any folder, so the permission case runs only
+    // where the mode applies.
+    let locked = dir.join("locked");
+    std::fs::create_dir(&locked).unwrap();
+    std::fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o555)).unwrap();
+    if std::fs::write(locked.join("probe"), "").is_err() {
+        cases.push(("locked/logs", "cannot create"));
+    } else {
+        eprintln!("skipping the unwritable logdir: this user can write into mode 555 folders");
+    }
+    for (logdir, message) in cases {
+        let out = kiln(&dir, &quick_tune(&data, "s.study", logdir));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{logdir}: {stderr}");
+        assert!(stderr.contains(message), "{logdir}: {stderr}");
+        assert!(
+            !dir.join("s.study").exists(),
+            "{logdir}: a study was created"
+        );
+    }
 }

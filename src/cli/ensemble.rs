@@ -292,6 +292,7 @@ pub(crate) fn train_members(
                 .unwrap_or_else(crate::runtime::engine::default_threads),
             verify: 0,
             on_epoch: None,
+            on_log_error: None,
             split_seed: Some(shared.split_seed),
             bootstrap: plan.bootstrap,
         };

@@ -421,6 +421,7 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
         threads: args.exec.threads.unwrap_or_else(default_threads),
         verify: args.verify.unwrap_or(0),
         on_epoch: None,
+        on_log_error: None,
         split_seed: None,
         bootstrap: false,
     };

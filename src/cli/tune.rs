@@ -10,7 +10,7 @@ use crate::runtime::engine::default_threads;
 use crate::tune::pruner::Pruner;
 use crate::tune::sampler::{Direction, SamplerKind};
 use crate::tune::storage::{SqliteStorage, Storage, Trial, TrialState};
-use crate::tune::{self, report, Event, Metric, Problem, TuneConfig};
+use crate::tune::{self, logdir, report, Event, Metric, Problem, TuneConfig};
 use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -96,6 +96,8 @@ pub struct TuneArgs {
     pub study: Option<PathBuf>,
     /// Write TensorBoard summaries here: the HParams dashboard's experiment,
     /// and each trial's session and training summaries in `trial-<number>/`.
+    /// The folder belongs to one study; a folder holding another study's
+    /// runs is rejected.
     #[arg(long)]
     pub logdir: Option<PathBuf>,
     /// Print only errors and the final summary.
@@ -245,13 +247,7 @@ fn run_tune(args: TuneArgs) -> Result<u8, (u8, String)> {
     // used from any folder.
     let study_path = std::path::absolute(&study_path)
         .map_err(|e| usage(format!("cannot resolve `{}`: {e}", study_path.display())))?;
-    let storage = SqliteStorage::open(
-        &study_path,
-        &problem.model_name,
-        &problem.source,
-        metric.name(),
-    )
-    .map_err(|e| usage(e.to_string()))?;
+    let storage = open_study(&study_path, &problem, metric, args.logdir.as_deref())?;
     let config = TuneConfig {
         trials: args.trials,
         jobs,
@@ -327,6 +323,42 @@ fn run_tune(args: TuneArgs) -> Result<u8, (u8, String)> {
         ));
     }
     Ok(exit::OK)
+}
+
+/// Opens (creating if needed) the study database and claims the sweep's
+/// logdir for it.
+fn open_study(
+    study_path: &Path,
+    problem: &Problem,
+    metric: Metric,
+    logdir: Option<&Path>,
+) -> Result<SqliteStorage, (u8, String)> {
+    let usage = |m: String| (exit::USAGE, m);
+    let owner = logdir::Owner {
+        study: study_path.to_path_buf(),
+        model: problem.model_name.clone(),
+    };
+    // The logdir is checked first, so that a rejected one leaves no new
+    // study database behind.
+    if let Some(dir) = logdir {
+        logdir::check(dir, &owner, study_path.exists()).map_err(usage)?;
+    }
+    let storage = SqliteStorage::open(
+        study_path,
+        &problem.model_name,
+        &problem.source,
+        metric.name(),
+    )
+    .map_err(|e| usage(e.to_string()))?;
+    if let Some(dir) = logdir {
+        logdir::claim(dir, &owner).map_err(|e| {
+            usage(format!(
+                "cannot write TensorBoard summaries in `{}`: {e}",
+                dir.display()
+            ))
+        })?;
+    }
+    Ok(storage)
 }
 
 /// Checkpoints of a study's trials live beside it: `<study>.trials/`.

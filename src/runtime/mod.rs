@@ -79,6 +79,11 @@ pub struct TrainSetup {
     /// Called after every epoch with its record; returning `false` stops
     /// the run, as a sweep's pruner does.
     pub on_epoch: Option<EpochHook>,
+    /// Called with the first error writing `logdir`'s event files. When it
+    /// is set, the run stops logging and trains on, as a sweep's trials do,
+    /// because the summaries are not the record of the run. Without it, such
+    /// an error fails the run.
+    pub on_log_error: Option<LogErrorHook>,
     /// Seed of the validation split, when it should not follow the model's
     /// seed: members of a seed ensemble share one split, so that their
     /// validation predictions can be pooled.
@@ -92,6 +97,9 @@ pub struct TrainSetup {
 
 /// See [`TrainSetup::on_epoch`].
 pub type EpochHook = Box<dyn FnMut(&EpochRecord) -> bool + Send>;
+
+/// See [`TrainSetup::on_log_error`].
+pub type LogErrorHook = Box<dyn FnMut(&TrainError) + Send>;
 
 /// Outcome of a training run.
 #[derive(Debug)]
@@ -149,7 +157,7 @@ pub fn train(setup: TrainSetup) -> Result<Summary, TrainError> {
 }
 
 impl Run {
-    fn new(setup: TrainSetup) -> Result<Run, TrainError> {
+    fn new(mut setup: TrainSetup) -> Result<Run, TrainError> {
         let config = setup.instance.train.clone();
         let graph = &setup.instance.graph;
         let input = graph.node(graph.inputs[0].1);
@@ -230,16 +238,23 @@ impl Run {
                 (Weights::init(&train_graph, config.seed), meta)
             }
         };
-        let events =
-            match &setup.logdir {
-                Some(dir) => Some(tensorboard::EventWriter::create(dir).map_err(|source| {
-                    TrainError::Log {
+        let events = match &setup.logdir {
+            Some(dir) => match tensorboard::EventWriter::create(dir) {
+                Ok(writer) => Some(writer),
+                Err(source) => {
+                    let error = TrainError::Log {
                         path: dir.clone(),
                         source,
+                    };
+                    match &mut setup.on_log_error {
+                        Some(hook) => hook(&error),
+                        None => return Err(error),
                     }
-                })?),
-                None => None,
-            };
+                    None
+                }
+            },
+            None => None,
+        };
         let mut run = Run {
             setup,
             config,
@@ -256,7 +271,8 @@ impl Run {
             events,
             pruned: false,
         };
-        run.log_model_summary()?;
+        let logged = run.log_model_summary();
+        run.tolerate_log_error(logged)?;
         Ok(run)
     }
 
@@ -355,7 +371,8 @@ impl Run {
             metrics.add(&out.logits, &labels, out.loss as f64);
             self.meta.global_step += 1;
             self.meta.batch_in_epoch = step + 1;
-            self.log_step(out.loss)?;
+            let logged = self.log_step(out.loss);
+            self.tolerate_log_error(logged)?;
             progress::advance(&bar, &metrics, labels.len());
             if self.setup.interrupt.load(Ordering::SeqCst) {
                 progress::finish(bar);
@@ -433,7 +450,8 @@ impl Run {
         };
         self.meta.epoch = epoch + 1;
         self.meta.history.push(record.clone());
-        self.log_epoch(&record)?;
+        let logged = self.log_epoch(&record);
+        self.tolerate_log_error(logged)?;
         Ok(record)
     }
 
@@ -578,6 +596,20 @@ impl Run {
                 .map_or_else(|| self.setup.checkpoint_dir.join("log.csv"), PathBuf::from);
             append_csv(&path, record).map_err(|source| TrainError::Log { path, source })?;
         }
+        Ok(())
+    }
+
+    /// Passes an event-file error to [`TrainSetup::on_log_error`], if set,
+    /// and stops logging. Every other result is returned as it is.
+    fn tolerate_log_error(&mut self, result: Result<(), TrainError>) -> Result<(), TrainError> {
+        let Err(error @ TrainError::Log { .. }) = result else {
+            return result;
+        };
+        let Some(hook) = &mut self.setup.on_log_error else {
+            return Err(error);
+        };
+        hook(&error);
+        self.events = None;
         Ok(())
     }
 

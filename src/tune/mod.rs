@@ -6,8 +6,11 @@
 //! database. It then checks the point statically, trains it with a pruner
 //! watching every epoch, and records how it ended. A trial that fails never
 //! stops the sweep. The study aims at `--trials` finished trials (complete or
-//! pruned); failed and rejected trials do not count towards it.
+//! pruned); failed and rejected trials do not count towards it. A command
+//! stops after twice `--trials` (at least 10) failed or rejected trials of
+//! its own, and failures of earlier commands never stop a later one.
 
+pub mod logdir;
 pub mod pruner;
 pub mod report;
 pub mod sampler;
@@ -28,6 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use storage::{NewTrial, Storage, StorageError, Trial, TrialEnd, TrialState};
+use tensorboard::TrialLog;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TuneError {
@@ -167,11 +171,22 @@ pub fn run(
             ))
         })?;
     }
+    let first = {
+        let trials = shared.lock().expect("storage lock").trials()?;
+        trials.iter().map(|t| t.number + 1).max().unwrap_or(0)
+    };
     let errors: Mutex<Vec<TuneError>> = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
         for _ in 0..config.jobs.max(1) {
             scope.spawn(|| {
-                if let Err(e) = worker(problem, config, &shared, &grid, &interrupt, events) {
+                let sweep = Sweep {
+                    problem,
+                    config,
+                    shared: &shared,
+                    grid: &grid,
+                    first,
+                };
+                if let Err(e) = worker(&sweep, &interrupt, events) {
                     interrupt.store(true, Ordering::SeqCst);
                     errors.lock().expect("errors lock").push(e);
                 }
@@ -185,29 +200,46 @@ pub fn run(
     Ok(trials)
 }
 
+/// What every worker of one `kiln tune` command shares.
+struct Sweep<'a> {
+    problem: &'a Problem,
+    config: &'a TuneConfig,
+    shared: &'a Shared,
+    grid: &'a [Point],
+    /// The number of the first trial this command may run. Only failures
+    /// from here on count toward the limit, so that a study stopped by
+    /// failures resumes once their cause is fixed.
+    first: i64,
+}
+
 fn worker(
-    problem: &Problem,
-    config: &TuneConfig,
-    shared: &Shared,
-    grid: &[Point],
+    sweep: &Sweep,
     interrupt: &Arc<AtomicBool>,
     events: &(dyn Fn(Event) + Sync),
 ) -> Result<(), TuneError> {
+    let Sweep {
+        problem,
+        config,
+        shared,
+        ..
+    } = *sweep;
     while !interrupt.load(Ordering::SeqCst) {
-        let Some(next) = claim_next(problem, config, shared, grid, events)? else {
+        let Some(next) = claim_next(sweep, events)? else {
             return Ok(());
         };
-        write_summaries(config, next.trial.number, |logdir| {
+        let log = TrialLog::new(config.logdir.as_deref(), next.trial.number);
+        log.write(|logdir| {
             tensorboard::start_session(logdir, &problem.space, &next.trial, &next.point)
         });
-        let end = run_trial(problem, config, shared, &next, interrupt);
+        let end = run_trial(problem, config, shared, &next, &log, interrupt);
         let mut storage = shared.lock().expect("storage lock");
         storage.finish(next.trial.id, &end)?;
         let trials = storage.trials()?;
         drop(storage);
-        write_summaries(config, next.trial.number, |logdir| {
-            tensorboard::end_session(logdir, next.trial.number, end.state)
-        });
+        // The end is written even after a failed write, because space may
+        // have been freed since, and a session without an end shows as
+        // running forever.
+        log.write(|logdir| tensorboard::end_session(logdir, next.trial.number, end.state));
         if let Some(trial) = trials.iter().find(|t| t.id == next.trial.id) {
             events(Event::Finished {
                 trial,
@@ -246,11 +278,12 @@ fn finished(trials: &[Trial]) -> usize {
         .count()
 }
 
-/// Failed and rejected trials, not counting unfinished ones that are
-/// retried.
-fn failures(trials: &[Trial]) -> usize {
+/// Failed and rejected trials numbered `first` or later, not counting
+/// unfinished ones that are retried.
+fn failures(trials: &[Trial], first: i64) -> usize {
     trials
         .iter()
+        .filter(|t| t.number >= first)
         .filter(|t| match t.state {
             TrialState::Rejected => true,
             TrialState::Failed => !t.error.as_deref().unwrap_or("").starts_with(UNFINISHED),
@@ -261,38 +294,32 @@ fn failures(trials: &[Trial]) -> usize {
 
 /// Picks and claims the next trial, or returns `None` when the study has
 /// enough.
-fn claim_next(
-    problem: &Problem,
-    config: &TuneConfig,
-    shared: &Shared,
-    grid: &[Point],
-    events: &(dyn Fn(Event) + Sync),
-) -> Result<Option<Next>, TuneError> {
+fn claim_next(sweep: &Sweep, events: &(dyn Fn(Event) + Sync)) -> Result<Option<Next>, TuneError> {
+    let Sweep {
+        problem,
+        config,
+        shared,
+        grid,
+        first,
+    } = *sweep;
+    // Failures do not count toward `--trials`, so without a limit a cause
+    // that fails every trial would keep the sweep going forever. Failures
+    // caused by the machine (a full disk, a missing folder) count as well
+    // for that reason.
     let max_failures = (2 * config.trials).max(10);
     let target = config.trials;
     let mut storage = shared.lock().expect("storage lock");
-    for dead in storage.reap_dead()? {
-        events(Event::Note(format!(
-            "trial {} was left running by a stopped process; marked failed",
-            dead.number
-        )));
-        // Only a session that was started gets an end: a sweep without
-        // --logdir may have run the trial.
-        write_summaries(config, dead.number, |logdir| {
-            if !tensorboard::run_dir(logdir, dead.number).is_dir() {
-                return Ok(());
-            }
-            tensorboard::end_session(logdir, dead.number, TrialState::Failed)
-        });
-    }
+    reap_dead(storage.as_mut(), config, events)?;
     let trials = storage.trials()?;
-    if failures(&trials) >= max_failures {
+    let failed = failures(&trials, first);
+    if failed >= max_failures {
         // Every worker stops here, and the first one to see the limit
         // prints the note.
         if !STOP_ANNOUNCED.swap(true, Ordering::SeqCst) {
             events(Event::Note(format!(
-                "stopping: {} trials failed or were rejected",
-                failures(&trials)
+                "stopping: {failed} trials failed or were rejected in this run \
+                 (the limit is twice --trials, at least 10); fix what their errors \
+                 show and run the same command again to resume the study"
             )));
         }
         return Ok(None);
@@ -318,6 +345,29 @@ fn claim_next(
         trial,
         point: params,
     }))
+}
+
+/// Marks the trials of dead workers as failed and ends their sessions.
+fn reap_dead(
+    storage: &mut dyn Storage,
+    config: &TuneConfig,
+    events: &(dyn Fn(Event) + Sync),
+) -> Result<(), TuneError> {
+    for dead in storage.reap_dead()? {
+        events(Event::Note(format!(
+            "trial {} was left running by a stopped process; marked failed",
+            dead.number
+        )));
+        // Only a session that was started gets an end: a sweep without
+        // --logdir may have run the trial.
+        write_summaries(config, dead.number, |logdir| {
+            if !tensorboard::run_dir(logdir, dead.number).is_dir() {
+                return Ok(());
+            }
+            tensorboard::end_session(logdir, dead.number, TrialState::Failed)
+        });
+    }
+    Ok(())
 }
 
 /// The next point: a retry of an unfinished trial, the next grid point, or
@@ -378,6 +428,7 @@ fn run_trial(
     config: &TuneConfig,
     shared: &Shared,
     next: &Next,
+    log: &TrialLog,
     interrupt: &Arc<AtomicBool>,
 ) -> TrialEnd {
     let rejected = |error: String| TrialEnd {
@@ -411,7 +462,7 @@ fn run_trial(
     if let Some(epochs) = config.epochs {
         instance.train.epochs = epochs;
     }
-    train_trial(problem, config, shared, next, instance, interrupt)
+    train_trial(problem, config, shared, next, instance, log, interrupt)
 }
 
 fn train_trial(
@@ -420,6 +471,7 @@ fn train_trial(
     shared: &Shared,
     next: &Next,
     instance: crate::check::Instance,
+    log: &TrialLog,
     interrupt: &Arc<AtomicBool>,
 ) -> TrialEnd {
     let failed = |error: String| TrialEnd {
@@ -456,10 +508,7 @@ fn train_trial(
         val_split: config.val_split,
         limit: config.limit,
         checkpoint_dir: checkpoint_dir.clone(),
-        logdir: config
-            .logdir
-            .as_ref()
-            .map(|dir| tensorboard::run_dir(dir, next.trial.number)),
+        logdir: log.training_dir(),
         log_every: 50,
         output: Output::Quiet,
         resume: None,
@@ -468,6 +517,7 @@ fn train_trial(
         threads: config.threads,
         verify: 0,
         on_epoch: Some(pruning_hook(config, shared.clone(), next.trial.id)),
+        on_log_error: Some(log.training_hook()),
         split_seed: None,
         bootstrap: false,
     };

@@ -14,7 +14,10 @@ use crate::runtime::tensorboard::hparams::{
     DataType, DatasetType, HParamDomain, HParamInfo, HParamValue, MetricInfo, SessionStart, Status,
 };
 use crate::runtime::tensorboard::EventWriter;
+use std::fmt::Display;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// Integer ranges with at most this many values are shown as a list of
 /// values (one checkbox each in the dashboard's filter), larger ones as an
@@ -24,6 +27,66 @@ const MAX_DISCRETE_INTS: u64 = 16;
 /// Returns the run folder of trial `number`.
 pub fn run_dir(logdir: &Path, number: i64) -> PathBuf {
     logdir.join(format!("trial-{number}"))
+}
+
+/// The summaries of one trial in `--logdir`. A failed write is logged once
+/// per trial, with the trial's number, and never fails the trial: the study
+/// database, not the summaries, is the record of the sweep.
+pub struct TrialLog {
+    logdir: Option<PathBuf>,
+    number: i64,
+    failed: Arc<AtomicBool>,
+}
+
+impl TrialLog {
+    pub fn new(logdir: Option<&Path>, number: i64) -> TrialLog {
+        TrialLog {
+            logdir: logdir.map(Path::to_path_buf),
+            number,
+            failed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Runs `write` on the logdir, if the sweep has one.
+    pub fn write(&self, write: impl FnOnce(&Path) -> std::io::Result<()>) {
+        let Some(logdir) = &self.logdir else {
+            return;
+        };
+        if let Err(e) = write(logdir) {
+            warn_once(&self.failed, self.number, logdir, &e);
+        }
+    }
+
+    /// Returns the folder for the trial's training summaries, or `None`
+    /// after a failed write, so that a full or broken logdir costs one
+    /// warning and not an error every epoch.
+    pub fn training_dir(&self) -> Option<PathBuf> {
+        let logdir = self.logdir.as_ref()?;
+        if self.failed.load(Ordering::SeqCst) {
+            return None;
+        }
+        Some(run_dir(logdir, self.number))
+    }
+
+    /// Returns the hook through which training reports a failed write.
+    pub fn training_hook(&self) -> crate::runtime::LogErrorHook {
+        let failed = self.failed.clone();
+        let number = self.number;
+        let logdir = self.logdir.clone().unwrap_or_default();
+        Box::new(move |error| warn_once(&failed, number, &logdir, error))
+    }
+}
+
+fn warn_once(failed: &AtomicBool, number: i64, logdir: &Path, error: &dyn Display) {
+    if failed.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    tracing::warn!(
+        trial = number,
+        run = %run_dir(logdir, number).display(),
+        error = %error,
+        "cannot write TensorBoard summaries; the trial goes on without them"
+    );
 }
 
 /// Returns the scalar tag under which `runtime` logs the metric each
