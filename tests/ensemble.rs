@@ -500,3 +500,121 @@ fn ensemble_item_pools_study_trials() {
     ));
     assert_eq!(eval["members"], 2);
 }
+
+/// A small model that trains in well under a second per member.
+const SMALL_MLP: &str = "model mlp {
+  input features: [64]
+  logits = dense(features, units = 32) |> relu |> dense(units = 10)
+  output logits: [10]
+  train {
+    optimizer = adam(lr = 3e-3)
+    seed = 3
+  }
+}
+";
+
+/// Trains a seed ensemble of [`SMALL_MLP`] in `dir`: `ensemble.safetensors`
+/// and its members' checkpoints in `ensemble.safetensors.members/seed-*`.
+fn small_seed_ensemble(dir: &Path) {
+    std::fs::write(dir.join("mlp.model"), SMALL_MLP).unwrap();
+    ok(&kiln(
+        dir,
+        &[
+            "ensemble",
+            "mlp.model",
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--seeds",
+            "2",
+            "--epochs",
+            "1",
+            "--json",
+        ],
+    ));
+}
+
+/// Copies an ensemble file to `to` with its `kiln_ensemble` metadata
+/// changed by `edit`.
+fn edit_ensemble_header(from: &Path, to: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let bytes = std::fs::read(from).unwrap();
+    let length = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + length]).unwrap();
+    let stored = header["__metadata__"]["kiln_ensemble"].as_str().unwrap();
+    let mut ensemble: serde_json::Value = serde_json::from_str(stored).unwrap();
+    edit(&mut ensemble);
+    header["__metadata__"]["kiln_ensemble"] = ensemble.to_string().into();
+    // The safetensors writer pads the header to 8 bytes; do the same.
+    let mut text = header.to_string();
+    while !text.len().is_multiple_of(8) {
+        text.push(' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&bytes[8 + length..]);
+    std::fs::write(to, out).unwrap();
+}
+
+/// A change to an ensemble file's metadata, as JSON.
+type HeaderEdit = fn(&mut serde_json::Value);
+
+#[test]
+fn crafted_ensemble_files_are_rejected() {
+    let dir = temp_dir("crafted");
+    small_seed_ensemble(&dir);
+    let original = dir.join("ensemble.safetensors");
+    let cases: [(&str, HeaderEdit, &str); 4] = [
+        (
+            "negative.st",
+            |e| e["members"][0]["weight"] = (-1.0).into(),
+            "member 0 has weight -1",
+        ),
+        (
+            "zero.st",
+            |e| {
+                e["members"][0]["weight"] = 0.0.into();
+                e["members"][1]["weight"] = 0.0.into();
+            },
+            "every member has weight 0",
+        ),
+        (
+            "source.st",
+            |e| {
+                let source = e["members"][1]["checkpoint"]["source"].as_str().unwrap();
+                e["members"][1]["checkpoint"]["source"] = format!("{source}\n# edited").into();
+            },
+            "member 1's model source does not match its recorded SHA-256",
+        ),
+        (
+            "model.st",
+            |e| e["members"][0]["checkpoint"]["model"] = "nosuch".into(),
+            "member 0 of model.st names the model `nosuch`, but the model source stored with it defines no model of that name",
+        ),
+    ];
+    for (name, edit, expected) in cases {
+        edit_ensemble_header(&original, &dir.join(name), edit);
+        let out = kiln(&dir, &["eval", name, "--data", &root("data/digits.csv.gz")]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{name}: {stderr}");
+        assert!(stderr.contains(expected), "{name}: {stderr}");
+        assert!(!stderr.contains("(in member"), "{name}: {stderr}");
+        if name != "model.st" {
+            let prefix = format!("invalid ensemble file `{name}`");
+            assert!(stderr.contains(&prefix), "{name}: {stderr}");
+        }
+    }
+}
+
+#[test]
+fn member_naming_ensemble_is_explained() {
+    let dir = temp_dir("member-ensemble");
+    let source = format!("{POOL_FILE}\nensemble nested {{\n  members = [pool, mlp]\n}}\n");
+    std::fs::write(dir.join("nested.model"), source).unwrap();
+    let out = kiln(&dir, &["check", "nested.model"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("unknown model `pool`"), "{stderr}");
+    assert!(
+        stderr.contains("`pool` is an ensemble; members must be models"),
+        "{stderr}"
+    );
+}

@@ -604,6 +604,17 @@ pub(crate) fn restore_checkpoint(
     origin: &str,
 ) -> Result<Restored, (u8, String)> {
     let meta = checkpoint.meta.clone();
+    // Checked here, because the message of `instantiate` would name the
+    // model inside its own file name.
+    if Program::parse(&meta.source).is_ok_and(|p| p.model(&meta.model).is_none()) {
+        return Err((
+            exit::INVALID_MODEL,
+            format!(
+                "{origin} names the model `{}`, but the model source stored with it defines no model of that name",
+                meta.model
+            ),
+        ));
+    }
     let name = format!("{} (in {origin})", meta.model);
     let (_, instance, _) = instantiate(&meta.source, &name, Some(&meta.model), &meta.point)
         .map_err(|m| (exit::INVALID_MODEL, m))?;

@@ -37,6 +37,8 @@ pub enum CheckpointError {
     },
     #[error("`{path}` is not a kiln checkpoint: {reason}")]
     Invalid { path: PathBuf, reason: String },
+    #[error("invalid ensemble file `{path}`: {reason}")]
+    InvalidEnsemble { path: PathBuf, reason: String },
 }
 
 /// One epoch's metrics, as the history in a checkpoint and the JSON log
