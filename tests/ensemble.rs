@@ -533,6 +533,248 @@ fn small_seed_ensemble(dir: &Path) {
     ));
 }
 
+/// Exit status 2 and the stderr of a run expected to fail on usage.
+fn usage_error(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    stderr
+}
+
+#[test]
+fn unwritable_member_pools_from_memory() {
+    let dir = temp_dir("unwritable-member");
+    std::fs::write(dir.join("pool.model"), POOL_FILE).unwrap();
+    // A regular file where the first member's folder belongs makes every
+    // write of its checkpoints fail, as a full disk would.
+    let members = dir.join("checkpoints/pool.members");
+    std::fs::create_dir_all(&members).unwrap();
+    std::fs::write(members.join("m0-mlp-seed3"), "not a folder").unwrap();
+
+    let out = kiln(
+        &dir,
+        &[
+            "train",
+            "pool.model",
+            "--model",
+            "pool",
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--epochs",
+            "2",
+            "--json",
+        ],
+    );
+    let report = ok(&out);
+    assert_eq!(report["members"].as_array().unwrap().len(), 2, "{report}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let path = "checkpoints/pool.members/m0-mlp-seed3/best.safetensors";
+    let warning = format!("warning: member m0-mlp-seed3: cannot write checkpoint `{path}`");
+    assert!(stderr.contains(&warning), "{stderr}");
+    assert!(stderr.contains("weights held in memory"), "{stderr}");
+    assert!(!stderr.contains("previous checkpoint"), "{stderr}");
+    assert!(!stderr.contains("kept unchanged"), "{stderr}");
+    // Two epochs try four writes; the first is logged, the rest counted.
+    assert_eq!(
+        stderr.matches("no file is at that path").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains("4 checkpoint writes to"), "{stderr}");
+
+    let eval = ok(&kiln(
+        &dir,
+        &[
+            "eval",
+            "checkpoints/pool.ensemble.safetensors",
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--json",
+        ],
+    ));
+    assert_eq!(eval["members"], 2);
+    assert!(eval["accuracy"].as_f64().unwrap() > 0.5, "{eval}");
+}
+
+#[test]
+fn seed_ensemble_sigint_keeps_finished_members() {
+    let dir = temp_dir("sigint");
+    // Small batches and many epochs, so the second member is still
+    // training when the signal arrives.
+    let source = std::fs::read_to_string(root("models/digits.model"))
+        .unwrap()
+        .replace("batch_size = 32", "batch_size = 4")
+        .replace(
+            "callbacks = [early_stopping(monitor = val_loss, patience = 5)]",
+            "",
+        );
+    std::fs::write(dir.join("conv.model"), source).unwrap();
+    let data = root("data/digits.csv.gz");
+    let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "ensemble",
+            "conv.model",
+            "--data",
+            &data,
+            "--seeds",
+            "2",
+            "--epochs",
+            "20",
+            "--json",
+        ])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The second member's first checkpoint means the first member has
+    // finished and the second is in a later epoch.
+    let second = dir.join("ensemble.safetensors.members/seed-1/last.safetensors");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !second.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill only sends a signal to the child started above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().unwrap();
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("interrupted while training seed-1; the ensemble was not written"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("finished members (seed-0) are kept in `ensemble.safetensors.members`"),
+        "{stderr}"
+    );
+    assert!(!dir.join("ensemble.safetensors").exists());
+    let eval = ok(&kiln(
+        &dir,
+        &[
+            "eval",
+            "ensemble.safetensors.members/seed-0/best.safetensors",
+            "--data",
+            &data,
+            "--json",
+        ],
+    ));
+    assert!(eval["accuracy"].as_f64().unwrap() > 0.5, "{eval}");
+}
+
+#[test]
+fn study_item_rejects_training_options() {
+    let dir = temp_dir("study-item-options");
+    let item = "ensemble best {\n  members = top(2, study = \"search.study\")\n}\n";
+    std::fs::write(dir.join("best.model"), item).unwrap();
+    let options = [
+        ["--epochs", "2"],
+        ["--batch-size", "8"],
+        ["--lr", "0.1"],
+        ["--val-split", "0.2"],
+        ["--limit", "100"],
+    ];
+    for [option, value] in options {
+        let out = kiln(
+            &dir,
+            &[
+                "train",
+                "best.model",
+                "--data",
+                &root("data/digits.csv.gz"),
+                option,
+                value,
+            ],
+        );
+        let stderr = usage_error(&out);
+        let expected = format!("{option} does not apply to `top()` members");
+        assert!(stderr.contains(&expected), "{option}: {stderr}");
+    }
+
+    let out = kiln(
+        &dir,
+        &[
+            "ensemble",
+            "--study",
+            "search.study",
+            "--top",
+            "2",
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--epochs",
+            "3",
+        ],
+    );
+    let stderr = usage_error(&out);
+    assert!(
+        stderr.contains("--epochs applies to members trained with --seeds"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn ensemble_rejects_invalid_counts() {
+    let dir = temp_dir("counts");
+    std::fs::write(dir.join("mlp.model"), SMALL_MLP).unwrap();
+    let data = root("data/digits.csv.gz");
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["mlp.model", "--seeds", "2", "--epochs", "0"],
+            "--epochs must be at least 1",
+        ),
+        (
+            &["mlp.model", "--seeds", "1025"],
+            "--seeds must be at most 1024, found 1025",
+        ),
+        (
+            &["--study", "s.study", "--select", "greedy", "--rounds", "0"],
+            "--rounds must be at least 1",
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut all = vec!["ensemble", "--data", &data];
+        all.extend_from_slice(args);
+        let stderr = usage_error(&kiln(&dir, &all));
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn ensemble_checks_repeated_and_ensemble_inputs() {
+    let dir = temp_dir("inputs");
+    small_seed_ensemble(&dir);
+    let data = root("data/digits.csv.gz");
+    let member = "ensemble.safetensors.members/seed-0/best.safetensors";
+    let same = format!("./{member}");
+    let out = kiln(
+        &dir,
+        &["ensemble", member, &same, "--data", &data, "--out", "e.st"],
+    );
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let warning = format!("warning: `{same}` is given twice (also as `{member}`)");
+    assert!(stderr.contains(&warning), "{stderr}");
+
+    let out = kiln(
+        &dir,
+        &[
+            "ensemble",
+            "ensemble.safetensors",
+            member,
+            "--data",
+            &data,
+            "--out",
+            "e.st",
+        ],
+    );
+    let stderr = usage_error(&out);
+    assert!(
+        stderr
+            .contains("`ensemble.safetensors` is an ensemble file; give its members' checkpoints"),
+        "{stderr}"
+    );
+}
+
 /// Copies an ensemble file to `to` with its `kiln_ensemble` metadata
 /// changed by `edit`.
 fn edit_ensemble_header(from: &Path, to: &Path, edit: impl FnOnce(&mut serde_json::Value)) {

@@ -423,6 +423,7 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
         on_epoch: None,
         split_seed: None,
         bootstrap: false,
+        keep_best: false,
     };
     let summary = runtime::train(setup).map_err(train_error)?;
     print_summary(&summary, output, &args.checkpoint_dir);

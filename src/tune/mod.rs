@@ -470,6 +470,7 @@ fn train_trial(
         on_epoch: Some(pruning_hook(config, shared.clone(), next.trial.id)),
         split_seed: None,
         bootstrap: false,
+        keep_best: false,
     };
     let result = runtime::train(setup);
     done.store(true, Ordering::SeqCst);
@@ -508,7 +509,12 @@ fn train_trial(
         value: best.map(|b| b.0),
         test_accuracy: best.and_then(|b| b.1),
         error: None,
-        checkpoint: Some(summary.checkpoint.display().to_string()),
+        // A best checkpoint that could not be written leaves no file, or an
+        // older run's, at that path, so the trial records none.
+        checkpoint: summary
+            .best_write_error
+            .is_none()
+            .then(|| summary.checkpoint.display().to_string()),
     }
 }
 
