@@ -847,6 +847,31 @@ fn crafted_ensemble_files_are_rejected() {
 }
 
 #[test]
+fn ensemble_item_rejects_resume_first() {
+    let dir = temp_dir("item-resume");
+    std::fs::write(dir.join("pool.model"), POOL_FILE).unwrap();
+    let out = kiln(
+        &dir,
+        &[
+            "train",
+            "pool.model",
+            "--model",
+            "pool",
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--resume",
+            "missing.safetensors",
+        ],
+    );
+    let stderr = usage_error(&out);
+    assert!(
+        stderr.contains("--resume applies to one model, not to an ensemble"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("missing.safetensors"), "{stderr}");
+}
+
+#[test]
 fn member_naming_ensemble_is_explained() {
     let dir = temp_dir("member-ensemble");
     let source = format!("{POOL_FILE}\nensemble nested {{\n  members = [pool, mlp]\n}}\n");

@@ -345,6 +345,7 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
     }
     validate_numbers(&args).map_err(usage)?;
     prepare_checkpoint_dir(&args.checkpoint_dir).map_err(usage)?;
+    reject_ensemble_resume(&args).map_err(usage)?;
     let resume = match &args.resume {
         Some(path) => Some((
             Checkpoint::load(path).map_err(|e| usage(e.to_string()))?,
@@ -432,6 +433,23 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
     } else {
         exit::OK
     })
+}
+
+/// Rejects `--resume` when `--model` (or the file's first item) selects an
+/// ensemble, before the checkpoint is read, because a resumed run trains
+/// the checkpoint's own single model.
+fn reject_ensemble_resume(args: &TrainArgs) -> Result<(), String> {
+    if args.resume.is_none() {
+        return Ok(());
+    }
+    // An unreadable file is no ensemble here; a resumed run takes its model
+    // from the checkpoint and does not need the file.
+    match super::read_model_file(&args.file) {
+        Ok(source) if names_ensemble(&source, args.model.as_deref()) => {
+            super::ensemble_item::reject_model_options(args)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Whether `--model` (or, without it, the file's first item) selects an
