@@ -500,3 +500,388 @@ fn ensemble_item_pools_study_trials() {
     ));
     assert_eq!(eval["members"], 2);
 }
+
+/// A small model that trains in well under a second per member.
+const SMALL_MLP: &str = "model mlp {
+  input features: [64]
+  logits = dense(features, units = 32) |> relu |> dense(units = 10)
+  output logits: [10]
+  train {
+    optimizer = adam(lr = 3e-3)
+    seed = 3
+  }
+}
+";
+
+/// Trains a seed ensemble of [`SMALL_MLP`] in `dir`: `ensemble.safetensors`
+/// and its members' checkpoints in `ensemble.safetensors.members/seed-*`.
+fn small_seed_ensemble(dir: &Path) {
+    std::fs::write(dir.join("mlp.model"), SMALL_MLP).unwrap();
+    ok(&kiln(
+        dir,
+        &[
+            "ensemble",
+            "mlp.model",
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--seeds",
+            "2",
+            "--epochs",
+            "1",
+            "--json",
+        ],
+    ));
+}
+
+/// Exit status 2 and the stderr of a run expected to fail on usage.
+fn usage_error(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    stderr
+}
+
+#[test]
+fn unwritable_member_pools_from_memory() {
+    let dir = temp_dir("unwritable-member");
+    std::fs::write(dir.join("pool.model"), POOL_FILE).unwrap();
+    // A regular file where the first member's folder belongs makes every
+    // write of its checkpoints fail, as a full disk would.
+    let members = dir.join("checkpoints/pool.members");
+    std::fs::create_dir_all(&members).unwrap();
+    std::fs::write(members.join("m0-mlp-seed3"), "not a folder").unwrap();
+
+    let out = kiln(
+        &dir,
+        &[
+            "train",
+            "pool.model",
+            "--model",
+            "pool",
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--epochs",
+            "2",
+            "--json",
+        ],
+    );
+    let report = ok(&out);
+    assert_eq!(report["members"].as_array().unwrap().len(), 2, "{report}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let path = "checkpoints/pool.members/m0-mlp-seed3/best.safetensors";
+    let warning = format!("warning: member m0-mlp-seed3: cannot write checkpoint `{path}`");
+    assert!(stderr.contains(&warning), "{stderr}");
+    assert!(stderr.contains("weights held in memory"), "{stderr}");
+    assert!(!stderr.contains("previous checkpoint"), "{stderr}");
+    assert!(!stderr.contains("kept unchanged"), "{stderr}");
+    // Two epochs try four writes; the first is logged, the rest counted.
+    assert_eq!(
+        stderr.matches("no file is at that path").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains("4 checkpoint writes to"), "{stderr}");
+
+    let eval = ok(&kiln(
+        &dir,
+        &[
+            "eval",
+            "checkpoints/pool.ensemble.safetensors",
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--json",
+        ],
+    ));
+    assert_eq!(eval["members"], 2);
+    assert!(eval["accuracy"].as_f64().unwrap() > 0.5, "{eval}");
+}
+
+#[test]
+fn seed_ensemble_sigint_keeps_finished_members() {
+    let dir = temp_dir("sigint");
+    // Small batches and many epochs, so the second member is still
+    // training when the signal arrives.
+    let source = std::fs::read_to_string(root("models/digits.model"))
+        .unwrap()
+        .replace("batch_size = 32", "batch_size = 4")
+        .replace(
+            "callbacks = [early_stopping(monitor = val_loss, patience = 5)]",
+            "",
+        );
+    std::fs::write(dir.join("conv.model"), source).unwrap();
+    let data = root("data/digits.csv.gz");
+    let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "ensemble",
+            "conv.model",
+            "--data",
+            &data,
+            "--seeds",
+            "2",
+            "--epochs",
+            "20",
+            "--json",
+        ])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The second member's first checkpoint means the first member has
+    // finished and the second is in a later epoch.
+    let second = dir.join("ensemble.safetensors.members/seed-1/last.safetensors");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !second.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill only sends a signal to the child started above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().unwrap();
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("interrupted while training seed-1; the ensemble was not written"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("finished members (seed-0) are kept in `ensemble.safetensors.members`"),
+        "{stderr}"
+    );
+    assert!(!dir.join("ensemble.safetensors").exists());
+    let eval = ok(&kiln(
+        &dir,
+        &[
+            "eval",
+            "ensemble.safetensors.members/seed-0/best.safetensors",
+            "--data",
+            &data,
+            "--json",
+        ],
+    ));
+    assert!(eval["accuracy"].as_f64().unwrap() > 0.5, "{eval}");
+}
+
+#[test]
+fn study_item_rejects_training_options() {
+    let dir = temp_dir("study-item-options");
+    let item = "ensemble best {\n  members = top(2, study = \"search.study\")\n}\n";
+    std::fs::write(dir.join("best.model"), item).unwrap();
+    let options = [
+        ["--epochs", "2"],
+        ["--batch-size", "8"],
+        ["--lr", "0.1"],
+        ["--val-split", "0.2"],
+        ["--limit", "100"],
+    ];
+    for [option, value] in options {
+        let out = kiln(
+            &dir,
+            &[
+                "train",
+                "best.model",
+                "--data",
+                &root("data/digits.csv.gz"),
+                option,
+                value,
+            ],
+        );
+        let stderr = usage_error(&out);
+        let expected = format!("{option} does not apply to `top()` members");
+        assert!(stderr.contains(&expected), "{option}: {stderr}");
+    }
+
+    let out = kiln(
+        &dir,
+        &[
+            "ensemble",
+            "--study",
+            "search.study",
+            "--top",
+            "2",
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--epochs",
+            "3",
+        ],
+    );
+    let stderr = usage_error(&out);
+    assert!(
+        stderr.contains("--epochs applies to members trained with --seeds"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn ensemble_rejects_invalid_counts() {
+    let dir = temp_dir("counts");
+    std::fs::write(dir.join("mlp.model"), SMALL_MLP).unwrap();
+    let data = root("data/digits.csv.gz");
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["mlp.model", "--seeds", "2", "--epochs", "0"],
+            "--epochs must be at least 1",
+        ),
+        (
+            &["mlp.model", "--seeds", "1025"],
+            "--seeds must be at most 1024, found 1025",
+        ),
+        (
+            &["--study", "s.study", "--select", "greedy", "--rounds", "0"],
+            "--rounds must be at least 1",
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut all = vec!["ensemble", "--data", &data];
+        all.extend_from_slice(args);
+        let stderr = usage_error(&kiln(&dir, &all));
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn ensemble_checks_repeated_and_ensemble_inputs() {
+    let dir = temp_dir("inputs");
+    small_seed_ensemble(&dir);
+    let data = root("data/digits.csv.gz");
+    let member = "ensemble.safetensors.members/seed-0/best.safetensors";
+    let same = format!("./{member}");
+    let out = kiln(
+        &dir,
+        &["ensemble", member, &same, "--data", &data, "--out", "e.st"],
+    );
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let warning = format!("warning: `{same}` is given twice (also as `{member}`)");
+    assert!(stderr.contains(&warning), "{stderr}");
+
+    let out = kiln(
+        &dir,
+        &[
+            "ensemble",
+            "ensemble.safetensors",
+            member,
+            "--data",
+            &data,
+            "--out",
+            "e.st",
+        ],
+    );
+    let stderr = usage_error(&out);
+    assert!(
+        stderr
+            .contains("`ensemble.safetensors` is an ensemble file; give its members' checkpoints"),
+        "{stderr}"
+    );
+}
+
+/// Copies an ensemble file to `to` with its `kiln_ensemble` metadata
+/// changed by `edit`.
+fn edit_ensemble_header(from: &Path, to: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let bytes = std::fs::read(from).unwrap();
+    let length = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + length]).unwrap();
+    let stored = header["__metadata__"]["kiln_ensemble"].as_str().unwrap();
+    let mut ensemble: serde_json::Value = serde_json::from_str(stored).unwrap();
+    edit(&mut ensemble);
+    header["__metadata__"]["kiln_ensemble"] = ensemble.to_string().into();
+    // The safetensors writer pads the header to 8 bytes; do the same.
+    let mut text = header.to_string();
+    while !text.len().is_multiple_of(8) {
+        text.push(' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&bytes[8 + length..]);
+    std::fs::write(to, out).unwrap();
+}
+
+/// A change to an ensemble file's metadata, as JSON.
+type HeaderEdit = fn(&mut serde_json::Value);
+
+#[test]
+fn crafted_ensemble_files_are_rejected() {
+    let dir = temp_dir("crafted");
+    small_seed_ensemble(&dir);
+    let original = dir.join("ensemble.safetensors");
+    let cases: [(&str, HeaderEdit, &str); 4] = [
+        (
+            "negative.st",
+            |e| e["members"][0]["weight"] = (-1.0).into(),
+            "member 0 has weight -1",
+        ),
+        (
+            "zero.st",
+            |e| {
+                e["members"][0]["weight"] = 0.0.into();
+                e["members"][1]["weight"] = 0.0.into();
+            },
+            "every member has weight 0",
+        ),
+        (
+            "source.st",
+            |e| {
+                let source = e["members"][1]["checkpoint"]["source"].as_str().unwrap();
+                e["members"][1]["checkpoint"]["source"] = format!("{source}\n# edited").into();
+            },
+            "member 1's model source does not match its recorded SHA-256",
+        ),
+        (
+            "model.st",
+            |e| e["members"][0]["checkpoint"]["model"] = "nosuch".into(),
+            "member 0 of model.st names the model `nosuch`, but the model source stored with it defines no model of that name",
+        ),
+    ];
+    for (name, edit, expected) in cases {
+        edit_ensemble_header(&original, &dir.join(name), edit);
+        let out = kiln(&dir, &["eval", name, "--data", &root("data/digits.csv.gz")]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{name}: {stderr}");
+        assert!(stderr.contains(expected), "{name}: {stderr}");
+        assert!(!stderr.contains("(in member"), "{name}: {stderr}");
+        if name != "model.st" {
+            let prefix = format!("invalid ensemble file `{name}`");
+            assert!(stderr.contains(&prefix), "{name}: {stderr}");
+        }
+    }
+}
+
+#[test]
+fn ensemble_item_rejects_resume_first() {
+    let dir = temp_dir("item-resume");
+    std::fs::write(dir.join("pool.model"), POOL_FILE).unwrap();
+    let out = kiln(
+        &dir,
+        &[
+            "train",
+            "pool.model",
+            "--model",
+            "pool",
+            "--data",
+            &root("data/digits.csv.gz"),
+            "--resume",
+            "missing.safetensors",
+        ],
+    );
+    let stderr = usage_error(&out);
+    assert!(
+        stderr.contains("--resume applies to one model, not to an ensemble"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("missing.safetensors"), "{stderr}");
+}
+
+#[test]
+fn member_naming_ensemble_is_explained() {
+    let dir = temp_dir("member-ensemble");
+    let source = format!("{POOL_FILE}\nensemble nested {{\n  members = [pool, mlp]\n}}\n");
+    std::fs::write(dir.join("nested.model"), source).unwrap();
+    let out = kiln(&dir, &["check", "nested.model"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("unknown model `pool`"), "{stderr}");
+    assert!(
+        stderr.contains("`pool` is an ensemble; members must be models"),
+        "{stderr}"
+    );
+}

@@ -83,11 +83,17 @@ struct Settings<'a> {
     bootstrap: Option<&'a Expr>,
 }
 
+/// The names that a member may refer to.
+pub struct Scope<'a> {
+    /// The file's checked models.
+    pub models: &'a [ModelReport],
+    /// The names of the file's ensemble items, which are not valid members
+    /// but get a clearer error than an unknown name.
+    pub ensembles: Vec<&'a str>,
+}
+
 /// Checks an ensemble item against the file's checked models.
-pub fn check_ensemble(
-    item: &ast::Ensemble,
-    models: &[ModelReport],
-) -> (EnsembleReport, Vec<Diagnostic>) {
+pub fn check_ensemble(item: &ast::Ensemble, scope: &Scope) -> (EnsembleReport, Vec<Diagnostic>) {
     let mut errors = Vec::new();
     let settings = read_settings(item, &mut errors);
 
@@ -101,7 +107,7 @@ pub fn check_ensemble(
     };
 
     let members = match settings.members {
-        Some(expr) => members(expr, bootstrap, models, &mut errors),
+        Some(expr) => members(expr, bootstrap, scope, &mut errors),
         None => {
             errors.push(
                 Diagnostic::error(
@@ -274,17 +280,17 @@ fn integer(
 fn members(
     expr: &Expr,
     bootstrap: bool,
-    models: &[ModelReport],
+    scope: &Scope,
     errors: &mut Vec<Diagnostic>,
 ) -> Option<Members> {
     let before = errors.len();
     let parsed = match &expr.kind {
         ExprKind::List(items) => items
             .iter()
-            .filter_map(|item| member(item, bootstrap, models, errors))
+            .filter_map(|item| member(item, bootstrap, scope, errors))
             .collect(),
         ExprKind::Call(call) if call.callee.name == "seeds" => {
-            seeds(call, bootstrap, models, errors)?
+            seeds(call, bootstrap, scope, errors)?
         }
         ExprKind::Call(call) if call.callee.name == "top" => return study_top(call, errors),
         _ => {
@@ -304,7 +310,7 @@ fn members(
 
     check_count(expr, parsed.len(), errors);
     check_duplicates(&parsed, errors);
-    check_shapes(&parsed, models, errors);
+    check_shapes(&parsed, scope.models, errors);
     let specs = parsed.into_iter().map(|p| p.spec).collect();
     Some(Members::Trained(specs))
 }
@@ -313,7 +319,7 @@ fn members(
 fn member(
     item: &Expr,
     bootstrap: bool,
-    models: &[ModelReport],
+    scope: &Scope,
     errors: &mut Vec<Diagnostic>,
 ) -> Option<Parsed> {
     let (name, name_span, call) = match &item.kind {
@@ -332,7 +338,7 @@ fn member(
             return None;
         }
     };
-    let report = find_model(name, name_span, models, errors)?;
+    let report = find_model(name, name_span, scope, errors)?;
     let mut spec = MemberSpec {
         model: name.to_string(),
         seed: model_seed(report),
@@ -395,7 +401,7 @@ fn member_args(call: &Call, spec: &mut MemberSpec, errors: &mut Vec<Diagnostic>)
 fn seeds(
     call: &Call,
     bootstrap: bool,
-    models: &[ModelReport],
+    scope: &Scope,
     errors: &mut Vec<Diagnostic>,
 ) -> Option<Vec<Parsed>> {
     let positional: Vec<&Expr> = call.positional().collect();
@@ -416,7 +422,7 @@ fn seeds(
         );
         return None;
     };
-    let found = find_model(name, model.span.clone(), models, errors);
+    let found = find_model(name, model.span.clone(), scope, errors);
     let count = integer(count, "the member count `K`", (1, MAX_MEMBERS), errors)?;
     found?;
     let members = (1..=count as u64)
@@ -465,15 +471,18 @@ fn study_top(call: &Call, errors: &mut Vec<Diagnostic>) -> Option<Members> {
 fn find_model<'a>(
     name: &str,
     span: Span,
-    models: &'a [ModelReport],
+    scope: &Scope<'a>,
     errors: &mut Vec<Diagnostic>,
 ) -> Option<&'a ModelReport> {
-    if let Some(report) = models.iter().find(|m| m.name == name) {
+    if let Some(report) = scope.models.iter().find(|m| m.name == name) {
         return Some(report);
     }
-    let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+    let names: Vec<&str> = scope.models.iter().map(|m| m.name.as_str()).collect();
     let mut d = Diagnostic::error(codes::UNKNOWN_MODEL, format!("unknown model `{name}`"))
         .primary(span, "no model of this name in the file");
+    if scope.ensembles.contains(&name) {
+        d = d.note(format!("`{name}` is an ensemble; members must be models"));
+    }
     d = match suggest(name, names.iter().copied()) {
         Some(close) => d.help(format!("did you mean `{close}`?")),
         None if names.is_empty() => d.note("the file declares no model"),

@@ -159,9 +159,18 @@ impl Program {
 
         // Ensembles come second because their checks read the models'
         // input and output shapes.
+        let scope = ensemble::Scope {
+            models: &models,
+            ensembles: self
+                .file
+                .ensembles
+                .iter()
+                .map(|e| e.name.name.as_str())
+                .collect(),
+        };
         let mut ensembles = Vec::new();
         for item in &self.file.ensembles {
-            let (report, mut found) = ensemble::check_ensemble(item, &models);
+            let (report, mut found) = ensemble::check_ensemble(item, &scope);
             diagnostics.append(&mut found);
             ensembles.push(report);
         }

@@ -6,11 +6,13 @@
 use super::exit;
 use super::predictor::{Member, Predictor};
 use super::train::{
-    instantiate, label_column, restore, test_split, train_error, ExecArgs, INTERRUPTED,
+    instantiate, interrupt_flag, label_column, restore, restore_checkpoint, test_split,
+    train_error, ExecArgs, Restored, INTERRUPTED,
 };
 use crate::check::Instance;
 use crate::data::{self, Dataset};
 use crate::ensemble::{self, file, Predictions, Rule};
+use crate::runtime::checkpoint::Checkpoint;
 use crate::runtime::{self, Output, TrainSetup};
 use crate::tune::report;
 use crate::tune::storage::{SqliteStorage, Storage, TrialState};
@@ -97,23 +99,53 @@ pub fn run(args: EnsembleArgs) -> u8 {
     }
 }
 
-/// Member checkpoints named by the arguments.
-fn member_paths(
+/// The largest `--seeds`, the same cap as `seeds(M, K)` in an ensemble
+/// item.
+const MAX_SEEDS: usize = 1024;
+
+/// Rejects option values that no run can use, before any data loads.
+fn validate_options(args: &EnsembleArgs) -> Result<(), String> {
+    if args.exec.threads == Some(0) {
+        return Err("--threads must be at least 1".into());
+    }
+    if args.seeds.is_none() {
+        let seed_only = [
+            (args.bootstrap, "--bootstrap"),
+            (args.epochs.is_some(), "--epochs"),
+        ];
+        if let Some((_, option)) = seed_only.iter().find(|(given, _)| *given) {
+            return Err(format!(
+                "{option} applies to members trained with --seeds; checkpoints and study trials are already trained"
+            ));
+        }
+    }
+    if args.epochs == Some(0) {
+        return Err("--epochs must be at least 1".into());
+    }
+    if let Some(seeds) = args.seeds.filter(|&k| k > MAX_SEEDS) {
+        return Err(format!(
+            "--seeds must be at most {MAX_SEEDS}, found {seeds}"
+        ));
+    }
+    if args.select.is_some() && args.rounds == 0 {
+        return Err("--rounds must be at least 1".into());
+    }
+    Ok(())
+}
+
+/// Members named by the arguments.
+fn member_sources(
     args: &EnsembleArgs,
     train: &Dataset,
     test: Option<&Dataset>,
-) -> Result<Vec<PathBuf>, (u8, String)> {
+    interrupt: Arc<AtomicBool>,
+) -> Result<Vec<MemberSource>, (u8, String)> {
     let usage = |m: String| (exit::USAGE, m);
-    if args.bootstrap && args.seeds.is_none() {
-        return Err(usage(
-            "--bootstrap applies to members trained with --seeds".into(),
-        ));
-    }
     if let Some(seeds) = args.seeds {
         let [model] = args.inputs.as_slice() else {
             return Err(usage("--seeds takes exactly one `.model` file".into()));
         };
-        return train_seeds(args, model, seeds, train, test);
+        return train_seeds(args, model, seeds, train, test, interrupt);
     }
     if let Some(study) = &args.study {
         if !args.inputs.is_empty() {
@@ -136,7 +168,44 @@ fn member_paths(
             "give two or more checkpoints, a `.model` file with --seeds, or --study".into(),
         ));
     }
-    Ok(args.inputs.clone())
+    warn_repeated(&args.inputs);
+    Ok(args
+        .inputs
+        .iter()
+        .cloned()
+        .map(MemberSource::File)
+        .collect())
+}
+
+/// Warns about a checkpoint given twice. It is allowed, because pooling a
+/// model with itself is a valid baseline, but it is usually a mistake:
+/// identical members add no diversity and only double that model's weight.
+fn warn_repeated(paths: &[PathBuf]) {
+    let key = |p: &PathBuf| p.canonicalize().unwrap_or_else(|_| p.clone());
+    for (i, path) in paths.iter().enumerate() {
+        if let Some(earlier) = paths[..i].iter().find(|q| key(q) == key(path)) {
+            eprintln!(
+                "warning: `{}` is given twice (also as `{}`); a repeated member adds no diversity and only counts twice in the pool",
+                path.display(),
+                earlier.display()
+            );
+        }
+    }
+}
+
+/// Opens a member checkpoint file. An ensemble file is rejected with a
+/// hint, because its members' metadata is not a checkpoint's.
+fn restore_member_file(path: &Path) -> Result<Restored, (u8, String)> {
+    if file::is_ensemble(path) {
+        return Err((
+            exit::USAGE,
+            format!(
+                "`{}` is an ensemble file; give its members' checkpoints",
+                path.display()
+            ),
+        ));
+    }
+    restore(path)
 }
 
 /// Checkpoints of a study's complete trials, best first: the best `keep`,
@@ -144,7 +213,7 @@ fn member_paths(
 pub(crate) fn study_members(
     study: &Path,
     keep: Option<usize>,
-) -> Result<Vec<PathBuf>, (u8, String)> {
+) -> Result<Vec<MemberSource>, (u8, String)> {
     let usage = |m: String| (exit::USAGE, m);
     let mut storage = SqliteStorage::open_existing(study).map_err(|e| usage(e.to_string()))?;
     let (_, _, metric) = storage.study_info().map_err(|e| usage(e.to_string()))?;
@@ -165,10 +234,11 @@ pub(crate) fn study_members(
         let i = trials.iter().position(|t| t.id == best).expect("present");
         ranked.push(trials.remove(i));
     }
-    let paths: Vec<PathBuf> = ranked
+    let paths: Vec<MemberSource> = ranked
         .iter()
         .take(keep.unwrap_or(usize::MAX))
-        .filter_map(|t| t.checkpoint.as_ref().map(PathBuf::from))
+        .filter_map(|t| t.checkpoint.as_ref())
+        .map(|c| MemberSource::File(PathBuf::from(c)))
         .collect();
     if paths.is_empty() {
         return Err(usage(format!(
@@ -187,7 +257,8 @@ fn train_seeds(
     seeds: usize,
     data: &Dataset,
     test: Option<&Dataset>,
-) -> Result<Vec<PathBuf>, (u8, String)> {
+    interrupt: Arc<AtomicBool>,
+) -> Result<Vec<MemberSource>, (u8, String)> {
     let usage = |m: String| (exit::USAGE, m);
     if seeds < 2 {
         return Err(usage("--seeds needs at least 2 members".into()));
@@ -223,7 +294,7 @@ fn train_seeds(
         split_seed,
         members_dir: with_suffix(&args.out, ".members"),
         exec: args.exec,
-        interrupt: Arc::new(AtomicBool::new(false)),
+        interrupt,
         quiet: args.json,
     };
     train_members(plans, &shared)
@@ -258,6 +329,27 @@ pub(crate) struct SharedTraining<'a> {
     pub quiet: bool,
 }
 
+/// A member to pool: a checkpoint file, or a member trained in this run.
+pub(crate) enum MemberSource {
+    File(PathBuf),
+    /// A trained member's best checkpoint as held in memory, and the path
+    /// it was written to. Pooling reads the copy in memory, because the
+    /// file may hold another run's weights when the write failed or another
+    /// run wrote to the same folder.
+    Trained {
+        path: PathBuf,
+        checkpoint: Box<Checkpoint>,
+    },
+}
+
+impl MemberSource {
+    fn path(&self) -> &Path {
+        match self {
+            MemberSource::File(path) | MemberSource::Trained { path, .. } => path,
+        }
+    }
+}
+
 /// Trains the members one after another and returns their best
 /// checkpoints.
 ///
@@ -266,8 +358,9 @@ pub(crate) struct SharedTraining<'a> {
 pub(crate) fn train_members(
     plans: Vec<MemberPlan>,
     shared: &SharedTraining,
-) -> Result<Vec<PathBuf>, (u8, String)> {
-    let mut paths = Vec::new();
+) -> Result<Vec<MemberSource>, (u8, String)> {
+    let mut members = Vec::new();
+    let mut finished: Vec<String> = Vec::new();
     for plan in plans {
         let label = plan.label.clone();
         let setup = TrainSetup {
@@ -295,12 +388,13 @@ pub(crate) fn train_members(
             on_log_error: None,
             split_seed: Some(shared.split_seed),
             bootstrap: plan.bootstrap,
+            keep_best: true,
         };
         let summary = runtime::train(setup).map_err(train_error)?;
         if summary.interrupted {
             return Err((
                 INTERRUPTED,
-                format!("interrupted while training {label}; the ensemble was not written"),
+                interrupted_message(&label, &finished, &shared.members_dir),
             ));
         }
         if !shared.quiet {
@@ -310,9 +404,46 @@ pub(crate) fn train_members(
                 summary.seconds
             );
         }
-        paths.push(summary.checkpoint);
+        members.push(trained_member(&label, summary)?);
+        finished.push(label);
     }
-    Ok(paths)
+    Ok(members)
+}
+
+/// Takes a finished member's best checkpoint from memory, and warns when
+/// its file could not be written.
+fn trained_member(label: &str, summary: runtime::Summary) -> Result<MemberSource, (u8, String)> {
+    let path = summary.checkpoint;
+    let checkpoint = summary.best_checkpoint.ok_or_else(|| {
+        (
+            exit::USAGE,
+            format!("member {label} finished no epoch, so it has no checkpoint"),
+        )
+    })?;
+    if let Some(error) = summary.best_write_error {
+        eprintln!(
+            "warning: member {label}: {error}. The ensemble uses the member's weights held in memory, so `{}` does not hold this member's weights",
+            path.display()
+        );
+    }
+    Ok(MemberSource::Trained {
+        path,
+        checkpoint: Box::new(checkpoint),
+    })
+}
+
+/// Formats the error of an ensemble run stopped by Ctrl-C while `label`
+/// trained.
+fn interrupted_message(label: &str, finished: &[String], members_dir: &Path) -> String {
+    let stopped = format!("interrupted while training {label}; the ensemble was not written");
+    if finished.is_empty() {
+        return format!("{stopped}, and no member had finished");
+    }
+    format!(
+        "{stopped}. The checkpoints of the finished members ({}) are kept in `{}`",
+        finished.join(", "),
+        members_dir.display()
+    )
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
@@ -362,6 +493,10 @@ fn score(probabilities: &ndarray::Array2<f32>, classes: &[usize], labels: &[usiz
 
 fn build(args: EnsembleArgs) -> Result<u8, (u8, String)> {
     let usage = |m: String| (exit::USAGE, m);
+    // Installed first, as `kiln train` does: the first Ctrl-C stops the
+    // member in training after its step, and a second one exits at once.
+    let interrupt = interrupt_flag();
+    validate_options(&args).map_err(usage)?;
     let loaded = data::load(&args.data, &label_column(&args.label_column))
         .map_err(|e| usage(e.to_string()))?;
     let test = test_split(
@@ -369,7 +504,7 @@ fn build(args: EnsembleArgs) -> Result<u8, (u8, String)> {
         loaded.test.clone(),
         &args.label_column,
     )?;
-    let paths = member_paths(&args, &loaded.train, test.as_ref())?;
+    let sources = member_sources(&args, &loaded.train, test.as_ref(), interrupt)?;
     let options = PoolOptions {
         rule: match args.rule {
             RuleArg::Mean => Rule::MeanProbability,
@@ -383,7 +518,7 @@ fn build(args: EnsembleArgs) -> Result<u8, (u8, String)> {
         quiet: false,
         exec: args.exec,
     };
-    pool(&paths, &loaded.train, test.as_ref(), &options)
+    pool(sources, &loaded.train, test.as_ref(), &options)
 }
 
 /// How [`pool`] combines members and where it writes the result.
@@ -407,7 +542,7 @@ pub(crate) struct PoolOptions {
 /// When a member cannot be opened, members disagree on their inputs or
 /// classes, or the file cannot be written.
 pub(crate) fn pool(
-    paths: &[PathBuf],
+    sources: Vec<MemberSource>,
     raw_train: &Dataset,
     test: Option<&Dataset>,
     options: &PoolOptions,
@@ -417,13 +552,13 @@ pub(crate) fn pool(
         (Ok(a), Ok(b)) => a == b,
         _ => false,
     };
-    if paths.iter().any(|p| same(p, &options.out)) {
+    if sources.iter().any(|s| same(s.path(), &options.out)) {
         return Err(usage(format!(
             "--out `{}` is one of the members; choose another path",
             options.out.display()
         )));
     }
-    let mut predictor = open_members(paths, options)?;
+    let mut predictor = open_members(sources, options)?;
     predictor.check_agreement()?;
 
     let val = validation_data(raw_train, &predictor.members, options.json);
@@ -464,22 +599,23 @@ pub(crate) fn pool(
 }
 
 /// Opens every member checkpoint with an equal share of the threads.
-fn open_members(paths: &[PathBuf], options: &PoolOptions) -> Result<Predictor, (u8, String)> {
+fn open_members(
+    sources: Vec<MemberSource>,
+    options: &PoolOptions,
+) -> Result<Predictor, (u8, String)> {
     let threads = options
         .exec
         .threads
         .unwrap_or_else(crate::runtime::engine::default_threads);
-    let per_member = (threads / paths.len().max(1)).max(1);
+    let per_member = (threads / sources.len().max(1)).max(1);
     let mut members = Vec::new();
-    for path in paths {
-        let restored = restore(path)?;
-        members.push(Member::new(
-            restored,
-            1.0,
-            path.display().to_string(),
-            &options.exec,
-            per_member,
-        )?);
+    for source in sources {
+        let name = source.path().display().to_string();
+        let restored = match source {
+            MemberSource::File(path) => restore_member_file(&path)?,
+            MemberSource::Trained { checkpoint, .. } => restore_checkpoint(*checkpoint, &name)?,
+        };
+        members.push(Member::new(restored, 1.0, name, &options.exec, per_member)?);
     }
     Ok(Predictor {
         members,

@@ -38,13 +38,16 @@ pub(crate) fn train(
     let file_name = args.file.display().to_string();
     let (program, report) = check_file(source, &file_name).map_err(|m| (exit::INVALID_MODEL, m))?;
     let spec = selected_spec(&program, &report, args.model.as_deref())?;
+    if matches!(spec.members, Members::StudyTop { .. }) {
+        reject_training_options(args).map_err(usage)?;
+    }
 
     let mut loaded = data::load(&args.data, &label_column(&args.label_column))
         .map_err(|e| usage(e.to_string()))?;
     loaded.train.truncate(args.limit);
     let test = test_split(args.test_data.as_deref(), loaded.test, &args.label_column)?;
 
-    let paths = match &spec.members {
+    let sources = match &spec.members {
         Members::StudyTop { study, top } => study_members(Path::new(study), Some(*top))?,
         Members::Trained(members) => {
             let plans = plans(&program, members, source, &file_name, args)?;
@@ -75,12 +78,12 @@ pub(crate) fn train(
         quiet: args.quiet,
         exec: args.exec,
     };
-    pool(&paths, &loaded.train, test.as_ref(), &options)
+    pool(sources, &loaded.train, test.as_ref(), &options)
 }
 
 /// Rejects options that choose one model's point or continue one run,
 /// because an ensemble's members each have their own.
-fn reject_model_options(args: &TrainArgs) -> Result<(), String> {
+pub(crate) fn reject_model_options(args: &TrainArgs) -> Result<(), String> {
     let rejected = [
         (!args.set.is_empty(), "--set"),
         (args.seed.is_some(), "--seed"),
@@ -91,6 +94,26 @@ fn reject_model_options(args: &TrainArgs) -> Result<(), String> {
     match rejected.iter().find(|(given, _)| *given) {
         Some((_, option)) => Err(format!(
             "{option} applies to one model, not to an ensemble; members train at their models' defaults with the seeds the ensemble lists"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Rejects options that set how members train or which samples they see,
+/// for `top()` members. These are a study's trained trials, scored on the
+/// validation split that each recorded, so another `--limit` or
+/// `--val-split` would put their training samples in that split.
+fn reject_training_options(args: &TrainArgs) -> Result<(), String> {
+    let rejected = [
+        (args.epochs.is_some(), "--epochs"),
+        (args.batch_size.is_some(), "--batch-size"),
+        (args.lr.is_some(), "--lr"),
+        (args.val_split.is_some(), "--val-split"),
+        (args.limit.is_some(), "--limit"),
+    ];
+    match rejected.iter().find(|(given, _)| *given) {
+        Some((_, option)) => Err(format!(
+            "{option} does not apply to `top()` members: they are already trained, and they are scored on the study's own data split"
         )),
         None => Ok(()),
     }

@@ -95,8 +95,8 @@ impl Predictor {
         let mut members = Vec::new();
         for (i, m) in stored.into_iter().enumerate() {
             let name = format!("member {i} ({})", m.checkpoint.meta.model);
-            let restored =
-                restore_checkpoint(m.checkpoint, &format!("{} in {}", name, path.display()))?;
+            let origin = format!("member {i} of {}", path.display());
+            let restored = restore_checkpoint(m.checkpoint, &origin)?;
             members.push(Member::new(restored, m.weight, name, exec, per_member)?);
         }
         let predictor = Predictor { members, rule };

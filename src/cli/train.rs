@@ -345,6 +345,7 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
     }
     validate_numbers(&args).map_err(usage)?;
     prepare_checkpoint_dir(&args.checkpoint_dir).map_err(usage)?;
+    reject_ensemble_resume(&args).map_err(usage)?;
     let resume = match &args.resume {
         Some(path) => Some((
             Checkpoint::load(path).map_err(|e| usage(e.to_string()))?,
@@ -424,6 +425,7 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
         on_log_error: None,
         split_seed: None,
         bootstrap: false,
+        keep_best: false,
     };
     let summary = runtime::train(setup).map_err(train_error)?;
     print_summary(&summary, output, &args.checkpoint_dir);
@@ -432,6 +434,23 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
     } else {
         exit::OK
     })
+}
+
+/// Rejects `--resume` when `--model` (or the file's first item) selects an
+/// ensemble, before the checkpoint is read, because a resumed run trains
+/// the checkpoint's own single model.
+fn reject_ensemble_resume(args: &TrainArgs) -> Result<(), String> {
+    if args.resume.is_none() {
+        return Ok(());
+    }
+    // An unreadable file is no ensemble here; a resumed run takes its model
+    // from the checkpoint and does not need the file.
+    match super::read_model_file(&args.file) {
+        Ok(source) if names_ensemble(&source, args.model.as_deref()) => {
+            super::ensemble_item::reject_model_options(args)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Whether `--model` (or, without it, the file's first item) selects an
@@ -605,6 +624,17 @@ pub(crate) fn restore_checkpoint(
     origin: &str,
 ) -> Result<Restored, (u8, String)> {
     let meta = checkpoint.meta.clone();
+    // Checked here, because the message of `instantiate` would name the
+    // model inside its own file name.
+    if Program::parse(&meta.source).is_ok_and(|p| p.model(&meta.model).is_none()) {
+        return Err((
+            exit::INVALID_MODEL,
+            format!(
+                "{origin} names the model `{}`, but the model source stored with it defines no model of that name",
+                meta.model
+            ),
+        ));
+    }
     let name = format!("{} (in {origin})", meta.model);
     let (_, instance, _) = instantiate(&meta.source, &name, Some(&meta.model), &meta.point)
         .map_err(|m| (exit::INVALID_MODEL, m))?;

@@ -6,7 +6,9 @@
 
 use super::Rule;
 use crate::interp::Tensor;
-use crate::runtime::checkpoint::{decode_f32, write_atomic, Checkpoint, CheckpointError, Metadata};
+use crate::runtime::checkpoint::{
+    decode_f32, sha256_hex, write_atomic, Checkpoint, CheckpointError, Metadata,
+};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
@@ -95,6 +97,33 @@ pub fn is_ensemble(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Checks what the header states about the members: at least one, weights
+/// that are finite, non-negative and not all zero (pooling divides by their
+/// sum), and model sources that match their recorded SHA-256.
+fn check_members(members: &[MemberHeader]) -> Result<(), String> {
+    if members.is_empty() {
+        return Err("the ensemble has no members".into());
+    }
+    for (i, m) in members.iter().enumerate() {
+        if !(m.weight.is_finite() && m.weight >= 0.0) {
+            return Err(format!(
+                "member {i} has weight {}; weights must be finite and not negative",
+                m.weight
+            ));
+        }
+        let meta = &m.checkpoint;
+        if sha256_hex(&meta.source) != meta.source_sha256 {
+            return Err(format!(
+                "member {i}'s model source does not match its recorded SHA-256"
+            ));
+        }
+    }
+    if members.iter().all(|m| m.weight == 0.0) {
+        return Err("every member has weight 0".into());
+    }
+    Ok(())
+}
+
 /// Reads an ensemble file.
 ///
 /// # Errors
@@ -104,7 +133,7 @@ pub fn load(path: &Path) -> Result<(Rule, Vec<StoredMember>), CheckpointError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let invalid = |reason: String| CheckpointError::Invalid {
+    let invalid = |reason: String| CheckpointError::InvalidEnsemble {
         path: path.to_path_buf(),
         reason,
     };
@@ -121,9 +150,7 @@ pub fn load(path: &Path) -> Result<(Rule, Vec<StoredMember>), CheckpointError> {
             header.format
         )));
     }
-    if header.members.is_empty() {
-        return Err(invalid("the ensemble has no members".into()));
-    }
+    check_members(&header.members).map_err(invalid)?;
     let tensors = SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
     let mut per_member: Vec<HashMap<String, Tensor>> = vec![HashMap::new(); header.members.len()];
     for (name, view) in tensors.tensors() {

@@ -37,6 +37,8 @@ pub enum CheckpointError {
     },
     #[error("`{path}` is not a kiln checkpoint: {reason}")]
     Invalid { path: PathBuf, reason: String },
+    #[error("invalid ensemble file `{path}`: {reason}")]
+    InvalidEnsemble { path: PathBuf, reason: String },
 }
 
 /// One epoch's metrics, as the history in a checkpoint and the JSON log
@@ -110,6 +112,7 @@ pub struct Metadata {
 }
 
 /// A loaded checkpoint.
+#[derive(Debug)]
 pub struct Checkpoint {
     pub meta: Metadata,
     tensors: HashMap<String, Tensor>,
@@ -268,6 +271,22 @@ impl Checkpoint {
     /// file stores its members.
     pub fn from_parts(meta: Metadata, tensors: HashMap<String, Tensor>) -> Checkpoint {
         Checkpoint { meta, tensors }
+    }
+
+    /// Copies a model's weights and running statistics, named as
+    /// [`save`] names them, into a checkpoint held in memory. Optimizer
+    /// buffers are left out, so it can be evaluated but not resumed.
+    pub fn in_memory(graph: &Graph, weights: &Weights, meta: &Metadata) -> Checkpoint {
+        let params = graph.params.iter().map(|p| &p.name).zip(&weights.params);
+        let states = graph.states.iter().map(|s| &s.name).zip(&weights.states);
+        let tensors = params
+            .chain(states)
+            .map(|(name, t)| (name.clone(), t.clone()))
+            .collect();
+        Checkpoint {
+            meta: meta.clone(),
+            tensors,
+        }
     }
 
     /// Reads a checkpoint file.

@@ -93,6 +93,10 @@ pub struct TrainSetup {
     /// members of an ensemble see different data. Validation and test data
     /// are never resampled.
     pub bootstrap: bool,
+    /// Keep a copy of the best checkpoint in memory and return it as
+    /// [`Summary::best_checkpoint`], so that a caller can use the trained
+    /// weights even when the file could not be written.
+    pub keep_best: bool,
 }
 
 /// See [`TrainSetup::on_epoch`].
@@ -113,6 +117,14 @@ pub struct Summary {
     pub stopped_early: bool,
     /// Whether [`TrainSetup::on_epoch`] stopped the run.
     pub pruned: bool,
+    /// The best checkpoint's contents, with [`TrainSetup::keep_best`].
+    pub best_checkpoint: Option<Checkpoint>,
+    /// The error of the latest write of the best checkpoint, or `None` when
+    /// that write succeeded and the file at [`Summary::checkpoint`] is
+    /// this run's.
+    pub best_write_error: Option<String>,
+    /// Checkpoint writes that failed in this run, best and last together.
+    pub failed_writes: usize,
 }
 
 struct Run {
@@ -130,6 +142,9 @@ struct Run {
     best_weights: Option<Weights>,
     events: Option<tensorboard::EventWriter>,
     pruned: bool,
+    best_checkpoint: Option<Checkpoint>,
+    best_write_error: Option<String>,
+    failed_writes: usize,
 }
 
 /// Trains a model.
@@ -143,6 +158,15 @@ pub fn train(setup: TrainSetup) -> Result<Summary, TrainError> {
     let result = run.epochs();
     let seconds = started.elapsed().as_secs_f64();
     let (interrupted, stopped_early) = result?;
+    if run.failed_writes > 1 {
+        let message = format!(
+            "{} checkpoint writes to `{}` failed in this run",
+            run.failed_writes,
+            run.setup.checkpoint_dir.display()
+        );
+        tracing::warn!("{message}");
+        run.setup.output.warn(&message);
+    }
     let summary = Summary {
         history: run.meta.history.clone(),
         best: run.meta.callbacks.best,
@@ -152,6 +176,9 @@ pub fn train(setup: TrainSetup) -> Result<Summary, TrainError> {
         interrupted,
         stopped_early,
         pruned: run.pruned,
+        best_checkpoint: run.best_checkpoint.take(),
+        best_write_error: run.best_write_error.take(),
+        failed_writes: run.failed_writes,
     };
     Ok(summary)
 }
@@ -270,6 +297,9 @@ impl Run {
             best_weights: None,
             events,
             pruned: false,
+            best_checkpoint: None,
+            best_write_error: None,
+            failed_writes: 0,
         };
         let logged = run.log_model_summary();
         run.tolerate_log_error(logged)?;
@@ -574,16 +604,39 @@ impl Run {
         let batch = self.config.batch_size.min(self.train.len()).max(1);
         let graph = self.engine.train_graph(batch)?.clone();
         let path = self.checkpoint_path(which);
+        if which == "best" && self.setup.keep_best {
+            self.best_checkpoint = Some(Checkpoint::in_memory(&graph, &self.weights, &self.meta));
+        }
+        // Whether a file was there before this write: a failed write leaves
+        // it unchanged, but it may come from an earlier run.
+        let existed = path.is_file();
         let result = checkpoint::save(&path, &graph, &self.weights, &self.optimizer, &self.meta);
-        if let Err(e) = result {
-            // A failed write keeps the previous file; training goes on and
-            // the next epoch tries again.
-            tracing::warn!("{e}; the previous checkpoint is kept");
-            self.setup
-                .output
-                .warn(&format!("{e}; the previous checkpoint is kept"));
+        let error = result.err().map(|e| e.to_string());
+        if which == "best" {
+            self.best_write_error = error.clone();
+        }
+        if let Some(e) = error {
+            self.report_failed_write(&e, existed);
         }
         Ok(())
+    }
+
+    /// Logs the first failed checkpoint write of the run and counts the
+    /// rest, which [`train`] reports once at the end. Training goes on, and
+    /// the next epoch tries again.
+    fn report_failed_write(&mut self, error: &str, existed: bool) {
+        self.failed_writes += 1;
+        if self.failed_writes > 1 {
+            return;
+        }
+        let kept = if existed {
+            "the file already at that path is kept unchanged"
+        } else {
+            "no file is at that path"
+        };
+        let message = format!("{error}; {kept}; training goes on and retries after each epoch");
+        tracing::warn!("{message}");
+        self.setup.output.warn(&message);
     }
 
     fn csv_log(&self, record: &EpochRecord) -> Result<(), TrainError> {

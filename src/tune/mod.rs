@@ -520,6 +520,7 @@ fn train_trial(
         on_log_error: Some(log.training_hook()),
         split_seed: None,
         bootstrap: false,
+        keep_best: false,
     };
     let result = runtime::train(setup);
     done.store(true, Ordering::SeqCst);
@@ -558,7 +559,12 @@ fn train_trial(
         value: best.map(|b| b.0),
         test_accuracy: best.and_then(|b| b.1),
         error: None,
-        checkpoint: Some(summary.checkpoint.display().to_string()),
+        // A best checkpoint that could not be written leaves no file, or an
+        // older run's, at that path, so the trial records none.
+        checkpoint: summary
+            .best_write_error
+            .is_none()
+            .then(|| summary.checkpoint.display().to_string()),
     }
 }
 
