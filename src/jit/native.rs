@@ -1172,6 +1172,26 @@ fn max_pool_2x2(src: &[f32], w: usize, dst: &mut [f32]) {
     }
 }
 
+/// Routes each 2x2 window's gradient to its first maximum in row-major
+/// order, as [`max_tile_grad`] does, into a zeroed `dx`. The maximum's
+/// position is found with selects rather than branches, because which of
+/// the four cells wins is close to random and branches would mispredict.
+fn max_pool_2x2_grad(src: &[f32], w: usize, dy: &[f32], dx: &mut [f32]) {
+    let offsets = [0, 1, w, w + 1];
+    let lines = src.chunks_exact(2 * w).zip(dx.chunks_exact_mut(2 * w));
+    for ((pair, grads), g) in lines.zip(dy.chunks_exact(w / 2)) {
+        for (ox, g) in g.iter().enumerate() {
+            let i = 2 * ox;
+            let [a, b, c, d] = [pair[i], pair[i + 1], pair[w + i], pair[w + i + 1]];
+            // The scan `if v > best` over a, b, c, d, as selects.
+            let (best, at) = if b > a { (b, 1) } else { (a, 0) };
+            let (best, at) = if c > best { (c, 2) } else { (best, at) };
+            let at = if d > best { 3 } else { at };
+            grads[i + offsets[at]] = *g;
+        }
+    }
+}
+
 /// Routes each window's gradient to its first maximum, for windows that
 /// tile the plane.
 fn max_tile_grad(win: &Window, src: &[f32], dy: &[f32], dx: &mut [f32]) {
@@ -1211,6 +1231,10 @@ unsafe fn pool_grad(ctx: &Ctx, v: ValueId, dy: ValueId, x: ValueId, a: &PoolAttr
             // SAFETY: plane `p` of `dx` belongs to this chunk alone.
             let dst = std::slice::from_raw_parts_mut(dx.get().add(p * plane), plane);
             dst.fill(0.0);
+            if a.kind == PoolKind::Max && tiled && win.kernel == 2 {
+                max_pool_2x2_grad(src, win.w, &dys[p * cells..][..cells], dst);
+                continue;
+            }
             if a.kind == PoolKind::Max && tiled {
                 max_tile_grad(&win, src, &dys[p * cells..][..cells], dst);
                 continue;
