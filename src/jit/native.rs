@@ -1018,6 +1018,7 @@ unsafe fn depthwise_grad_weight(ctx: &Ctx, v: ValueId, dy: ValueId, x: ValueId, 
             dy_wide.fill(0.0);
             for c in channels {
                 let mut sums = vec![0f64; kk];
+                lanes.fill(0.0);
                 for n in 0..d.images {
                     let p = n * d.cin + c;
                     let at = (win.top as isize, win.left as isize);
@@ -1026,12 +1027,14 @@ unsafe fn depthwise_grad_weight(ctx: &Ctx, v: ValueId, dy: ValueId, x: ValueId, 
                     for (line, g) in dy_wide.chunks_mut(geometry.pw).zip(dy.chunks_exact(win.ow)) {
                         line[..win.ow].copy_from_slice(g);
                     }
-                    lanes.fill(0.0);
                     accumulate_taps(&buffer, &geometry, win, &dy_wide, &mut lanes);
-                    // Each image's partial sums go into f64, so long batches
-                    // lose no more precision than one image's plane does.
-                    for (sum, lane) in sums.iter_mut().zip(lanes.chunks_exact(len)) {
-                        *sum += lanes_sum(lane, |v| v) as f64;
+                    // The lanes go into f64 every 16 images, so each lane
+                    // adds at most 16 products in f32 however long the batch.
+                    if (n + 1) % 16 == 0 || n + 1 == d.images {
+                        for (sum, lane) in sums.iter_mut().zip(lanes.chunks_exact(len)) {
+                            *sum += lanes_sum(lane, |v| v) as f64;
+                        }
+                        lanes.fill(0.0);
                     }
                 }
                 for (i, s) in sums.iter().enumerate() {
