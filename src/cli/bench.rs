@@ -160,10 +160,13 @@ fn print_profile(kernels: &[(String, f64)]) {
     let mut by_time: Vec<(usize, &(String, f64))> = kernels.iter().enumerate().collect();
     by_time.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
     eprintln!("kernels (median per run, {:.1} ms in total):", total * 1e3);
-    for (i, (label, time)) in by_time.iter().take(25) {
+    eprintln!(
+        "  {:>7}     {:>6}  operator, value and shape",
+        "time", "share"
+    );
+    for (_, (label, time)) in by_time.iter().take(25) {
         eprintln!(
-            "  {:>3}  {:>7.2} ms  {:>5.1}%  {label}",
-            i,
+            "  {:>7.2} ms  {:>5.1}%  {label}",
             time * 1e3,
             100.0 * time / total
         );

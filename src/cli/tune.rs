@@ -90,8 +90,9 @@ pub struct TuneArgs {
     /// Wall-time limit per trial, in seconds; a trial over it fails.
     #[arg(long)]
     pub timeout: Option<u64>,
-    /// The study database (SQLite); default `<model>.study` in the current
-    /// folder. An existing study is resumed.
+    /// The study database (SQLite); default `NAME.study` in the current
+    /// folder, where NAME is the name in `model NAME { }`. An existing
+    /// study is resumed.
     #[arg(long)]
     pub study: Option<PathBuf>,
     /// Write TensorBoard summaries here: the HParams dashboard's experiment,

@@ -419,25 +419,38 @@ impl Program {
         Ok(())
     }
 
-    /// Describes kernel `i` for profiles by its operator and output shape.
+    /// Describes kernel `i` for profiles: its operator kind first, then the
+    /// value it computes and that value's shape.
     pub fn kernel_label(&self, i: usize) -> String {
         let describe = |v: ValueId| {
             let node = self.graph.node(v);
-            format!("{:?} {:?}", node.op, node.shape.as_slice())
+            format!("{} {:?}", node.name, node.shape.as_slice())
         };
         match &self.schedule.kernels[i] {
             Kernel::Fused(fused) => format!(
-                "fused x{} {:?}",
+                "fused({}) {}",
                 fused.members.len(),
-                self.graph.shape(fused.members[0])
+                describe(fused.members[fused.members.len() - 1])
             ),
-            Kernel::Single(v) => describe(*v),
-            Kernel::BatchStats { mean, .. } => format!("batch stats {}", describe(*mean)),
+            Kernel::Single(v) => format!("{} {}", self.graph.node(*v).op.name(), describe(*v)),
+            Kernel::BatchStats { mean, .. } => format!("batch_stats {}", describe(*mean)),
             Kernel::BatchNormGrad { input, gamma, .. } => match input.or(*gamma) {
-                Some(v) => format!("batchnorm grad {}", describe(v)),
-                None => "batchnorm grad".to_string(),
+                Some(v) => format!("batchnorm_grad {}", describe(v)),
+                None => "batchnorm_grad".to_string(),
             },
         }
+    }
+
+    /// Whether kernel `i` only marks a source (input, labels, parameter or
+    /// state) and computes nothing.
+    pub fn is_source(&self, i: usize) -> bool {
+        matches!(
+            &self.schedule.kernels[i],
+            Kernel::Single(v) if matches!(
+                self.graph.node(*v).op,
+                Op::Input | Op::Labels | Op::Param(_) | Op::State(_)
+            )
+        )
     }
 
     fn load_sources(

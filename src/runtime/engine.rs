@@ -373,6 +373,7 @@ impl Engine {
         Ok(times
             .into_iter()
             .enumerate()
+            .filter(|(i, _)| !program.is_source(*i))
             .map(|(i, mut t)| {
                 t.sort_by(f64::total_cmp);
                 (program.kernel_label(i), t[t.len() / 2])
