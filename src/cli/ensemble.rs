@@ -648,8 +648,13 @@ impl SetReport {
         let weights: Vec<f64> = used.iter().map(|&i| predictor.members[i].weight).collect();
         let (probabilities, classes) = ensemble::combine(predictor.rule, &refs, &weights);
         let ensemble = score(&probabilities, &classes, labels);
+        // Of members with equal accuracy, the first (for a study, the
+        // better-ranked trial) counts as the best.
         let best_member = (0..members.len())
-            .max_by(|&a, &b| members[a].accuracy.total_cmp(&members[b].accuracy))
+            .max_by(|&a, &b| {
+                let by_accuracy = members[a].accuracy.total_cmp(&members[b].accuracy);
+                by_accuracy.then(b.cmp(&a))
+            })
             .unwrap_or(0);
         let mut diversity = ensemble::diversity(&refs, labels);
         for d in &mut diversity {

@@ -8,17 +8,20 @@ use crate::syntax::ast;
 use plotters::prelude::*;
 use std::path::Path;
 
-/// Returns the best complete trial.
+/// Returns the best complete trial; of trials with equal values, the one
+/// with the lowest number, which is also the one the table sorted by
+/// value lists first.
 pub fn best(trials: &[Trial], direction: Direction) -> Option<&Trial> {
     trials
         .iter()
         .filter(|t| t.state == TrialState::Complete && t.value.is_some())
         .max_by(|a, b| {
-            let (a, b) = (a.value.unwrap_or(f64::NAN), b.value.unwrap_or(f64::NAN));
-            match direction {
-                Direction::Maximize => a.total_cmp(&b),
-                Direction::Minimize => b.total_cmp(&a),
-            }
+            let (x, y) = (a.value.unwrap_or(f64::NAN), b.value.unwrap_or(f64::NAN));
+            let by_value = match direction {
+                Direction::Maximize => x.total_cmp(&y),
+                Direction::Minimize => y.total_cmp(&x),
+            };
+            by_value.then(b.number.cmp(&a.number))
         })
 }
 
@@ -315,5 +318,30 @@ mod tests {
             .map(|i| (if i < 10 { "a" } else { "b" }.to_string(), (i % 2) as f64))
             .collect();
         assert!(correlation_ratio(&noise) < 1e-12);
+    }
+
+    fn complete(number: i64, value: f64) -> Trial {
+        Trial {
+            id: number + 100,
+            number,
+            state: TrialState::Complete,
+            params: Vec::new(),
+            value: Some(value),
+            test_accuracy: None,
+            epochs: vec![value],
+            error: None,
+            checkpoint: None,
+            retry_of: None,
+            started: 0.0,
+            finished: Some(1.0),
+        }
+    }
+
+    #[test]
+    fn best_breaks_ties_by_lowest_number() {
+        let trials = [complete(2, 0.9), complete(1, 0.9), complete(3, 0.8)];
+        assert_eq!(best(&trials, Direction::Maximize).unwrap().number, 1);
+        let losses = [complete(4, 0.2), complete(1, 0.3), complete(2, 0.2)];
+        assert_eq!(best(&losses, Direction::Minimize).unwrap().number, 2);
     }
 }
