@@ -113,3 +113,57 @@ fn non_utf8_file_is_rejected_cleanly() {
     assert_eq!(out.status.code(), Some(2));
     assert!(Path::new(&path).exists());
 }
+
+#[test]
+fn ensemble_name_where_model_expected() {
+    let path = temp_model(
+        "ensemble-as-model",
+        "model a {
+  input f: [64]
+  logits = dense(f, units = 10)
+  output logits: [10]
+}
+ensemble pool { members = [a(seed = 1), a(seed = 2)] }
+",
+    );
+    let file = path.to_str().unwrap();
+    for args in [
+        vec!["bench", file, "--model", "pool"],
+        vec!["compile", file, "--model", "pool"],
+        vec![
+            "train",
+            file,
+            "--model",
+            "nosuch",
+            "--data",
+            "data/digits.csv.gz",
+        ],
+    ] {
+        let out = kiln(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr.contains("its models are `a`"), "{args:?}: {stderr}");
+        if args.contains(&"pool") {
+            assert!(stderr.contains("`pool`"), "{args:?}: {stderr}");
+            assert!(stderr.contains("is an ensemble"), "{args:?}: {stderr}");
+        }
+    }
+}
+
+#[test]
+fn positional_step_gets_keyword_hint() {
+    let path = temp_model(
+        "positional-step",
+        "model m {
+  input f: [64]
+  search { u = int(8, 16, 4) }
+  logits = dense(f, units = u) |> dense(units = 10)
+  output logits: [10]
+}
+",
+    );
+    let out = kiln(&["check", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("int(low, high, step = 4)"), "{stderr}");
+}

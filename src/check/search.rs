@@ -207,14 +207,23 @@ fn bounds<'a>(call: &'a Call, blocks: &[&str]) -> Result<(&'a Expr, &'a Expr, bo
         Some(Value::Word(w)) if w == "log" => true,
         Some(Value::Word(w)) if w == "linear" => false,
         Some(other) => {
-            return Err(Diagnostic::error(
+            let mut diagnostic = Diagnostic::error(
                 codes::BAD_DOMAIN,
                 format!("invalid scale `{other}`: expected `log` or `linear`"),
             )
             .primary(
                 scale.map_or(call.span.clone(), |s| s.span.clone()),
                 "invalid scale",
-            ))
+            );
+            // KerasTuner and Optuna take the step as the third positional
+            // argument; here it is a keyword.
+            if matches!(other, Value::Int(_) | Value::Float(_)) {
+                diagnostic = diagnostic.help(format!(
+                    "a step is a keyword argument: `{}(low, high, step = {other})`",
+                    call.callee.name
+                ));
+            }
+            return Err(diagnostic);
         }
     };
     if let Some(expr) = keyword(call, "log") {

@@ -129,12 +129,11 @@ pub fn load_instance(path: &Path, model: Option<&str>) -> Option<Instance> {
     match found.and_then(|m| m.instance.clone()) {
         Some(instance) => Some(instance),
         None => {
-            let names: Vec<&str> = report.models.iter().map(|m| m.name.as_str()).collect();
-            eprintln!(
-                "kiln: no model `{}` in `{name}`; it declares {}",
-                model.unwrap_or(""),
-                names.join(", ")
-            );
+            let models: Vec<&str> = report.models.iter().map(|m| m.name.as_str()).collect();
+            let ensembles: Vec<&str> = report.ensembles.iter().map(|e| e.name.as_str()).collect();
+            let message =
+                super::train::missing_model(model.unwrap_or(""), &name, &models, &ensembles);
+            eprintln!("kiln: {message}");
             None
         }
     }

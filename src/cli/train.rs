@@ -239,7 +239,10 @@ pub(crate) fn instantiate(
         Some(name) => program.model(name),
         None => program.file.models.first(),
     }
-    .ok_or_else(|| format!("no model `{}` in `{file_name}`", model.unwrap_or("")))?;
+    .ok_or_else(|| {
+        let (models, ensembles) = item_names(&program.file);
+        missing_model(model.unwrap_or(""), file_name, &models, &ensembles)
+    })?;
     let (instance, point) = instantiate_model(&program, ast, source, file_name, assignments)?;
     Ok((ast.name.name.clone(), instance, point))
 }
@@ -854,4 +857,37 @@ pub fn predict(args: PredictArgs) -> u8 {
         eprintln!("kiln: {message}");
         status
     })
+}
+
+/// The message for `--model NAME` naming no model of the file: it says
+/// when NAME is an ensemble and lists the models there are.
+pub(crate) fn missing_model(
+    name: &str,
+    file_name: &str,
+    models: &[&str],
+    ensembles: &[&str],
+) -> String {
+    let listed = if models.is_empty() {
+        "it declares no model".to_string()
+    } else {
+        let quoted: Vec<String> = models.iter().map(|m| format!("`{m}`")).collect();
+        format!("its models are {}", quoted.join(", "))
+    };
+    if ensembles.contains(&name) {
+        return format!(
+            "`{name}` in `{file_name}` is an ensemble, and this command needs a model; {listed}"
+        );
+    }
+    format!("no model `{name}` in `{file_name}`; {listed}")
+}
+
+/// The names of a parsed file's models and ensembles, for [`missing_model`].
+pub(crate) fn item_names(file: &crate::syntax::ast::File) -> (Vec<&str>, Vec<&str>) {
+    let models = file.models.iter().map(|m| m.name.name.as_str()).collect();
+    let ensembles = file
+        .ensembles
+        .iter()
+        .map(|e| e.name.name.as_str())
+        .collect();
+    (models, ensembles)
 }

@@ -170,9 +170,10 @@ fn problem(args: &TuneArgs) -> Result<Problem, (u8, String)> {
         None => report.models.first(),
     };
     let model = found.ok_or_else(|| {
-        usage(format!(
-            "no model `{}` in `{name}`",
-            args.model.clone().unwrap_or_default()
+        let wanted = args.model.clone().unwrap_or_default();
+        let (models, ensembles) = super::train::item_names(&program.file);
+        usage(super::train::missing_model(
+            &wanted, &name, &models, &ensembles,
         ))
     })?;
     if model.space.is_empty() {
@@ -506,7 +507,11 @@ fn run_study(args: StudyArgs) -> Result<u8, String> {
     }
     if let Some(dir) = &args.plots {
         report::plots(&trials, &metric_name, direction, dir)?;
-        eprintln!("wrote {}/history.svg and params.svg", dir.display());
+        eprintln!(
+            "wrote {} and {}",
+            dir.join("history.svg").display(),
+            dir.join("params.svg").display()
+        );
     }
     if let Some(path) = &args.export_best {
         let best = report::best(&trials, direction).ok_or("the study has no complete trial")?;
