@@ -20,14 +20,11 @@ use proptest::prelude::*;
 /// the last place.
 const TOLERANCE: f32 = 1e-4;
 
-/// Relative error allowed for whole-model gradients. Rounding differences
-/// of one part in 10^7 can put a ReLU input or a max-pooling tie on the
-/// other side in one executor; that element's gradient then differs
-/// entirely, and the backward pass spreads the difference. On resnet one
-/// such flip moved the last block's gradients by up to 8e-3 while every
-/// kernel matched its reference within 1e-5 on equal inputs, so each kernel
-/// is checked at [`TOLERANCE`] and whole gradients at this bound.
-const GRADIENT_TOLERANCE: f32 = 2e-2;
+/// Relative error allowed for whole-model gradients, which the reference
+/// computes from the JIT's forward values (see [`forced_gradients`]), at
+/// the scale [`kernel_scale`] gives. Each backward kernel's rounding
+/// differences add up along the chain.
+const GRADIENT_TOLERANCE: f32 = 1e-3;
 
 /// The largest difference over the largest expected magnitude. Magnitudes
 /// below 1e-3 count as 1e-3: a value that is zero in exact arithmetic (the
@@ -98,13 +95,20 @@ fn differential(graph: &Graph, optimizer: Optimizer, threads: usize) -> Result<(
         check_close("logits", &program.value(&arena, logits), values.get(logits))?;
         let loss = graph.loss.unwrap();
         check_close("loss", &program.value(&arena, loss), values.get(loss))?;
+        check_kernels(graph, &program, &arena, &y, step)?;
+        let forced = forced_gradients(graph, &program, &arena, &y, step);
         for (p, g) in &graph.grads {
             let name = format!("step {step}: gradient of {}", graph.params[*p].name);
             let actual = program.value(&arena, *g);
-            check_within(&name, &actual, values.get(*g), GRADIENT_TOLERANCE)?;
+            let (expected, node) = (&forced[g.index()], graph.node(*g));
+            let inputs: Vec<&Tensor> = node.inputs.iter().map(|x| &forced[x.index()]).collect();
+            let scale = kernel_scale(node, &inputs, expected);
+            let diff = largest_difference(&actual, expected);
+            if diff > GRADIENT_TOLERANCE * scale || diff.is_nan() {
+                return Err(format!("{name}: difference {diff:e} at scale {scale:e}"));
+            }
             values.0[g.index()] = actual;
         }
-        check_kernels(graph, &program, &arena, &y, step)?;
         interp::apply_step(graph, &mut reference, &mut ref_opt, &values);
         program.apply_update(&mut arena, &mut jit, &mut jit_opt, threads);
         for (i, (a, e)) in jit.params.iter().zip(&reference.params).enumerate() {
@@ -128,6 +132,45 @@ fn differential(graph: &Graph, optimizer: Optimizer, threads: usize) -> Result<(
         }
     }
     Ok(())
+}
+
+/// The reference's whole backward pass, run on the JIT's forward values.
+///
+/// Rounding differences of one part in 10^7 can put a ReLU input or a
+/// max-pooling tie on the other side in one executor; that element's
+/// gradient then differs entirely, and the backward pass spreads the
+/// difference. On mlp, one ReLU input of one sample that rounded to the
+/// other side of zero moved a row of the second layer's weight gradient by
+/// 7% of its largest value, while every kernel matched its reference within
+/// 1e-5 on equal inputs. Taking the forward values from the JIT puts every
+/// such decision on the same side in both executors, so whole gradients
+/// test the backward chain alone. Values the JIT keeps only inside a fused
+/// kernel are recomputed from their inputs.
+fn forced_gradients(
+    graph: &Graph,
+    program: &Program,
+    arena: &kiln::jit::Arena,
+    labels: &[usize],
+    seed: u64,
+) -> Vec<Tensor> {
+    let schedule = program.schedule();
+    let forward_len = graph.loss.unwrap().index() + 1;
+    let mut values: Vec<Tensor> = Vec::with_capacity(graph.nodes.len());
+    for (i, node) in graph.nodes.iter().enumerate() {
+        let v = kiln::ir::ValueId(i as u32);
+        let leaf = matches!(
+            node.op,
+            Op::Input | Op::Labels | Op::Param(_) | Op::State(_)
+        );
+        let value = if leaf || (i < forward_len && schedule.stored[i]) {
+            program.value(arena, v)
+        } else {
+            let inputs: Vec<&Tensor> = node.inputs.iter().map(|x| &values[x.index()]).collect();
+            interp::eval(node, &inputs, labels, seed)
+        };
+        values.push(value);
+    }
+    values
 }
 
 /// Checks every kernel on its own: each value the JIT stored against the
@@ -165,37 +208,8 @@ fn check_kernels(
         if schedule.stored[i] {
             let what = format!("kernel {} ({})", node.name, node.op.name());
             let actual = program.value(arena, v);
-            // A per-channel sum whose terms cancel (the batch mean after
-            // another batch normalization, the bias gradient before one) is
-            // mostly rounding noise, so reductions are judged against the
-            // sum of their terms' magnitudes, the bound of a rounding-error
-            // analysis of summation.
-            let reduction = matches!(
-                node.op,
-                Op::BatchMean | Op::BatchVar | Op::BiasGrad | Op::BatchNormGradGamma { .. }
-            );
-            let terms = if reduction {
-                let channels = expected.len().max(1) as f32;
-                inputs[0].iter().map(|v| v.abs()).sum::<f32>() / channels
-            } else if matches!(node.op, Op::Conv2dGradWeight(_)) {
-                // A filter gradient sums `dy · x` over the batch and the
-                // image, and cancels to rounding noise before a batch
-                // normalization in the same way.
-                let largest_input = inputs[1].iter().fold(0f32, |m, v| m.max(v.abs()));
-                let filters = expected.len().max(1) as f32;
-                inputs[0].iter().map(|v| v.abs()).sum::<f32>() * largest_input / filters
-            } else {
-                0.0
-            };
-            let scale = expected
-                .iter()
-                .fold(0f32, |m, v| m.max(v.abs()))
-                .max(1e-2 * terms)
-                .max(1e-4);
-            let diff = actual
-                .iter()
-                .zip(expected.iter())
-                .fold(0f32, |m, (a, e)| m.max((a - e).abs()));
+            let scale = kernel_scale(node, &refs, &expected);
+            let diff = largest_difference(&actual, &expected);
             if diff > TOLERANCE * scale || diff.is_nan() {
                 return Err(format!("{what}: difference {diff:e} at scale {scale:e}"));
             }
@@ -508,4 +522,42 @@ proptest! {
         let result = differential(&graph, sgd(), threads);
         prop_assert!(result.is_ok(), "{}\n{}", source, result.unwrap_err());
     }
+}
+
+/// The magnitude a kernel's result is judged against: its largest expected
+/// value, or for a sum whose terms cancel, a share of its terms' sizes.
+fn kernel_scale(node: &kiln::ir::Node, inputs: &[&Tensor], expected: &Tensor) -> f32 {
+    // A per-channel sum whose terms cancel (the batch mean after another
+    // batch normalization, the bias gradient before one) is mostly rounding
+    // noise, so reductions are judged against the sum of their terms'
+    // magnitudes, the bound of a rounding-error analysis of summation.
+    let reduction = matches!(
+        node.op,
+        Op::BatchMean | Op::BatchVar | Op::BiasGrad | Op::BatchNormGradGamma { .. }
+    );
+    let terms = if reduction {
+        let channels = expected.len().max(1) as f32;
+        inputs[0].iter().map(|v| v.abs()).sum::<f32>() / channels
+    } else if matches!(node.op, Op::Conv2dGradWeight(_)) {
+        // A filter gradient sums `dy · x` over the batch and the image, and
+        // cancels to rounding noise before a batch normalization in the
+        // same way.
+        let largest_input = inputs[1].iter().fold(0f32, |m, v| m.max(v.abs()));
+        let filters = expected.len().max(1) as f32;
+        inputs[0].iter().map(|v| v.abs()).sum::<f32>() * largest_input / filters
+    } else {
+        0.0
+    };
+    expected
+        .iter()
+        .fold(0f32, |m, v| m.max(v.abs()))
+        .max(1e-2 * terms)
+        .max(1e-4)
+}
+
+fn largest_difference(actual: &Tensor, expected: &Tensor) -> f32 {
+    actual
+        .iter()
+        .zip(expected.iter())
+        .fold(0f32, |m, (a, e)| m.max((a - e).abs()))
 }
