@@ -789,10 +789,10 @@ impl Padded {
 
 /// `out[oy, ·] = init + Σ taps · padded[oy + ki·d, kj·d + ·]` over a plane.
 ///
-/// Every tap reads the padded plane at one fixed offset, so each tap is one
-/// long multiply-add over `wide`, the output with the padded plane's row
-/// stride. Rows of 28 would leave 512-bit loops mostly in their scalar
-/// tails. The extra columns are computed and dropped.
+/// Every tap reads the padded plane at one fixed offset, so the output,
+/// computed with the padded plane's row stride (`wide`), is a sum of
+/// shifted copies of the plane. Rows of 28 would leave 512-bit loops mostly
+/// in their scalar tails. The extra columns are computed and dropped.
 #[multiversion(targets(
     "x86_64+avx512f+avx512vl+avx512bw+avx512dq+avx2+fma",
     "x86_64+avx2+fma"
@@ -807,14 +807,27 @@ fn correlate(
 ) {
     let (k, d, pw, ow) = (win.kernel, win.dilation, geometry.pw, win.ow);
     let len = (win.oh - 1) * pw + ow;
-    let wide = &mut wide[..len];
-    wide.fill(init);
-    for ki in 0..k {
-        for kj in 0..k {
-            let t = taps[ki * k + kj];
-            let source = &padded[ki * d * pw + kj * d..][..len];
-            for (o, v) in wide.iter_mut().zip(source) {
-                *o += t * v;
+    let offsets: Vec<usize> = (0..k * k).map(|t| (t / k) * d * pw + (t % k) * d).collect();
+    for (b, block) in wide[..len].chunks_mut(TAP_BLOCK).enumerate() {
+        // A block of sums stays in registers while every tap adds to it,
+        // instead of a load and a store per tap.
+        let start = b * TAP_BLOCK;
+        if block.len() == TAP_BLOCK {
+            let mut sums = [init; TAP_BLOCK];
+            for (t, offset) in taps.iter().zip(&offsets) {
+                let source = &padded[offset + start..][..TAP_BLOCK];
+                for (s, v) in sums.iter_mut().zip(source) {
+                    *s += t * v;
+                }
+            }
+            block.copy_from_slice(&sums);
+        } else {
+            block.fill(init);
+            for (t, offset) in taps.iter().zip(&offsets) {
+                let source = &padded[offset + start..][..block.len()];
+                for (s, v) in block.iter_mut().zip(source) {
+                    *s += t * v;
+                }
             }
         }
     }
@@ -822,6 +835,10 @@ fn correlate(
         row.copy_from_slice(&line[..ow]);
     }
 }
+
+/// Output elements per block of [`correlate`]: four AVX2 or two AVX-512
+/// registers of sums.
+const TAP_BLOCK: usize = 32;
 
 /// `lanes[tap, ·] += dy[oy, ·] · padded[oy + ki·d, kj·d + ·]` over a plane,
 /// with `dy` laid out at the padded row stride and zeros in the extra
