@@ -513,11 +513,15 @@ impl ShiftedSpan {
 
     /// Zeroes the cells of the span's lines that fall outside the valid
     /// columns: the one-to-one copy wrapped them around a line edge.
+    ///
+    /// Column by column, because a line has only one or two such cells,
+    /// and a call to `memset` per line cost more than the writes.
     fn zero_wrapped(&self, row: &mut [f32], ow: usize) {
-        for line in self.lines.clone() {
-            let line = &mut row[line * ow..][..ow];
-            line[..self.columns.start].fill(0.0);
-            line[self.columns.end..].fill(0.0);
+        let wrapped = (0..self.columns.start).chain(self.columns.end..ow);
+        for column in wrapped {
+            for line in self.lines.clone() {
+                row[line * ow + column] = 0.0;
+            }
         }
     }
 }
