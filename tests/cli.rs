@@ -167,3 +167,52 @@ fn positional_step_gets_keyword_hint() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("int(low, high, step = 4)"), "{stderr}");
 }
+
+/// Names longer than `format!`'s 65,535-character width limit.
+#[test]
+fn very_long_names_print_in_the_summary() {
+    let name = "h".repeat(70_000);
+    let path = temp_model(
+        "long-name",
+        &format!(
+            "model m {{
+  input image: [64]
+  {name} = dense(image, units = 10)
+  output {name}
+}}
+"
+        ),
+    );
+    let out = kiln(&["check", path.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&name), "the summary lacks the name");
+}
+
+/// A model that passes the checker but whose weights alone would fill
+/// terabytes fails with an error instead of aborting on allocation.
+#[test]
+fn impossible_memory_is_an_error() {
+    let path = temp_model(
+        "terabyte",
+        "model m {
+  input features: [1048576]
+  x = dense(features, units = 1048576)
+  logits = dense(x, units = 10)
+  output logits: [10]
+}
+",
+    );
+    let out = kiln(&["bench", path.to_str().unwrap(), "--steps", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("more than this machine can allocate"),
+        "{stderr}"
+    );
+}

@@ -92,11 +92,23 @@ pub fn render_ensemble(report: &EnsembleReport, models: &[ModelReport]) -> Strin
 }
 
 /// Left-aligned columns separated by two spaces.
+/// Pads `cell` with spaces to `width` characters, on the left when
+/// `right` aligns it right. Padded by hand because `format!` widths stop
+/// at 65,535, and a name may be longer.
+fn align(cell: &str, width: usize, right: bool) -> String {
+    let pad = " ".repeat(width.saturating_sub(cell.chars().count()));
+    if right {
+        pad + cell
+    } else {
+        format!("{cell}{pad}")
+    }
+}
+
 fn plain_table(rows: &[[String; 5]]) -> String {
     let mut widths = [0usize; 5];
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
+            *w = (*w).max(cell.chars().count());
         }
     }
     let mut out = String::new();
@@ -104,7 +116,7 @@ fn plain_table(rows: &[[String; 5]]) -> String {
         let cells: Vec<String> = row
             .iter()
             .zip(widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
+            .map(|(cell, w)| align(cell, w, false))
             .collect();
         let _ = writeln!(out, "  {}", cells.join("  ").trim_end());
     }
@@ -142,11 +154,7 @@ fn layer_table(graph: &Graph) -> String {
         let mut s = String::new();
         for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
             // Text columns align left, numbers right.
-            if i < 3 {
-                let _ = write!(s, "{cell:<w$}  ");
-            } else {
-                let _ = write!(s, "{cell:>w$}  ");
-            }
+            let _ = write!(s, "{}  ", align(cell, *w, i >= 3));
         }
         s.trim_end().to_string() + "\n"
     };
@@ -202,7 +210,12 @@ fn no_bias(bias: bool) -> &'static str {
 fn space_table(report: &ModelReport) -> String {
     let space: &Space = &report.space;
     let mut out = String::from("search space\n");
-    let width = space.params.iter().map(|p| p.name.len()).max().unwrap_or(0);
+    let width = space
+        .params
+        .iter()
+        .map(|p| p.name.chars().count())
+        .max()
+        .unwrap_or(0);
     for p in &space.params {
         let points = match p.domain {
             Domain::Float { step: None, .. } => "continuous".to_string(),
@@ -214,8 +227,10 @@ fn space_table(report: &ModelReport) -> String {
         });
         let _ = writeln!(
             out,
-            "  {:<width$}  {}  ({points}, default {}{condition})",
-            p.name, p.domain, p.default
+            "  {}  {}  ({points}, default {}{condition})",
+            align(&p.name, width, false),
+            p.domain,
+            p.default
         );
     }
     let size = match space.size() {

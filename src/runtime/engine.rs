@@ -24,6 +24,52 @@ pub enum EngineError {
     Jit(#[from] JitError),
     #[error("cannot start {threads} worker threads: {reason}")]
     Threads { threads: usize, reason: String },
+    #[error(
+        "at batch {batch} the model needs about {} of memory for its weights, \
+         gradients, optimizer state and activations, more than this machine can allocate; \
+         use fewer or smaller layers, or a smaller batch", human_bytes(*.bytes)
+    )]
+    Memory { batch: usize, bytes: u128 },
+}
+
+/// Formats a byte count in GiB, or TiB beyond 1024 GiB.
+fn human_bytes(bytes: u128) -> String {
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    if gib >= 1024.0 {
+        format!("{:.1} TiB", gib / 1024.0)
+    } else {
+        format!("{gib:.1} GiB")
+    }
+}
+
+/// Checks that the memory a run of `graph` needs can be allocated at all,
+/// so that an impossible model fails with an error instead of aborting the
+/// process (Rust aborts when an allocation fails). The estimate counts
+/// every value of the graph once, and each parameter four times (weights,
+/// gradients, two optimizer buffers). Allocating reserves address space
+/// only, and the probe is freed at once.
+fn probe_memory(graph: &Graph) -> Result<(), EngineError> {
+    let elements = |shape: &[usize]| {
+        shape
+            .iter()
+            .fold(1u128, |n, d| n.saturating_mul(*d as u128))
+    };
+    let values: u128 = graph.nodes.iter().map(|n| elements(&n.shape)).sum();
+    let params: u128 = graph.params.iter().map(|p| elements(&p.shape)).sum();
+    let bytes = values
+        .saturating_add(params.saturating_mul(4))
+        .saturating_mul(4);
+    let fits = usize::try_from(bytes)
+        .ok()
+        .is_some_and(|b| Vec::<u8>::new().try_reserve_exact(b).is_ok());
+    if fits {
+        Ok(())
+    } else {
+        Err(EngineError::Memory {
+            batch: graph.batch,
+            bytes,
+        })
+    }
 }
 
 /// The executor that runs the graphs.
@@ -226,6 +272,7 @@ impl Engine {
             };
             let mut graph = ir::lower(&self.model, batch, mode)?;
             crate::autodiff::differentiate(&mut graph)?;
+            probe_memory(&graph)?;
             self.train.insert(batch, graph);
         }
         Ok(&self.train[&batch])
@@ -234,6 +281,7 @@ impl Engine {
     fn infer_graph(&mut self, batch: usize) -> Result<&Graph, EngineError> {
         if !self.infer.contains_key(&batch) {
             let graph = ir::lower(&self.model, batch, Mode::Infer)?;
+            probe_memory(&graph)?;
             self.infer.insert(batch, graph);
         }
         Ok(&self.infer[&batch])
