@@ -582,6 +582,8 @@ fn invalid_numbers_are_rejected() {
     let model = write_model(&dir, SMALL_MODEL);
     for flags in [
         ["--lr", "0"],
+        ["--lr", "-1"],
+        ["--val-split", "-0.1"],
         ["--epochs", "0"],
         ["--batch-size", "0"],
         ["--val-split", "1.5"],
@@ -689,4 +691,82 @@ fn mismatched_normalisation_is_an_invalid_checkpoint() {
             );
         }
     }
+}
+
+/// A split that rounds to no sample on one side is an error, not a run
+/// without validation.
+#[test]
+fn empty_split_side_is_rejected() {
+    let dir = temp_dir("split");
+    for (split, side) in [
+        ("0.0001", "no validation sample"),
+        ("0.9999", "no training sample"),
+    ] {
+        let out = train_small(&dir, &["--val-split", split]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{split}: {stderr}");
+        assert!(stderr.contains(side), "{split}: {stderr}");
+    }
+}
+
+/// Without validation, callbacks that name a validation metric say which
+/// training metric they follow instead.
+#[test]
+fn missing_validation_is_noted() {
+    let dir = temp_dir("no-validation");
+    let model = write_model(
+        &dir,
+        &SMALL_MODEL.replace(
+            "seed = 5",
+            "seed = 5\n    callbacks = [early_stopping(patience = 2)]",
+        ),
+    );
+    let out = kiln(&[
+        "train",
+        model.as_str(),
+        "--data",
+        "data/digits.csv.gz",
+        "--checkpoint-dir",
+        dir.to_str().unwrap(),
+        "--val-split",
+        "0",
+        "--epochs",
+        "1",
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("`early_stopping` follows the training loss, not `val_loss`"),
+        "{stderr}"
+    );
+}
+
+/// When the best checkpoint cannot be written, the closing line does not
+/// name it as written.
+#[test]
+fn failed_best_checkpoint_is_not_reported_as_written() {
+    let dir = temp_dir("best-is-a-folder");
+    std::fs::create_dir_all(dir.join("best.safetensors")).unwrap();
+    let model = write_model(&dir, SMALL_MODEL);
+    let out = kiln(&[
+        "train",
+        model.as_str(),
+        "--data",
+        "data/digits.csv.gz",
+        "--checkpoint-dir",
+        dir.to_str().unwrap(),
+        "--epochs",
+        "1",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stdout.contains("the best checkpoint could not be written"),
+        "{stdout}"
+    );
+    assert_eq!(
+        stderr.matches("cannot write checkpoint").count(),
+        1,
+        "{stderr}"
+    );
 }

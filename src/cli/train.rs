@@ -47,7 +47,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Learning rate, overriding the optimizer's.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f64>,
     /// Random seed, overriding the `train` section.
     #[arg(long)]
@@ -57,7 +57,7 @@ pub struct TrainArgs {
     pub limit: Option<usize>,
     /// Fraction of the training data held out for validation (default 0.1,
     /// or the resumed checkpoint's).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub val_split: Option<f64>,
     /// CSV label column: a 0-based index or a header name (default: a
     /// column named label, class, target or y, else the last).
@@ -597,11 +597,13 @@ fn print_summary(summary: &runtime::Summary, output: Output, dir: &Path) {
             }
             let epochs = summary.history.len();
             let plural = if epochs == 1 { "" } else { "s" };
-            println!(
-                "{epochs} epoch{plural} in {:.1}s; checkpoint {}",
-                summary.seconds,
-                summary.checkpoint.display()
-            );
+            let saved = match &summary.best_write_error {
+                Some(_) => {
+                    "the best checkpoint could not be written (see the warning above)".to_string()
+                }
+                None => format!("checkpoint {}", summary.checkpoint.display()),
+            };
+            println!("{epochs} epoch{plural} in {:.1}s; {saved}", summary.seconds);
         }
     }
 }

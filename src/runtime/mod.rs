@@ -51,6 +51,36 @@ pub enum TrainError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "a validation split of {fraction} leaves no {side} sample out of {samples}; \
+         choose a split that leaves at least one sample on each side, or 0 for no validation"
+    )]
+    Split {
+        fraction: f64,
+        samples: usize,
+        side: &'static str,
+    },
+}
+
+/// Says which callbacks follow a training metric because there is no
+/// validation split to give the validation metric they name.
+fn note_training_fallback(callbacks: &[Callback], output: &Output) {
+    for callback in callbacks {
+        let (name, monitor) = match callback {
+            Callback::EarlyStopping { monitor, .. } => ("early_stopping", monitor),
+            Callback::Checkpoint { monitor, .. } => ("checkpoint", monitor),
+            Callback::ReduceLrOnPlateau { monitor, .. } => ("reduce_lr_on_plateau", monitor),
+            _ => continue,
+        };
+        let (named, fallback) = match monitor {
+            Monitor::ValLoss => ("val_loss", "loss"),
+            Monitor::ValAccuracy => ("val_accuracy", "accuracy"),
+            _ => continue,
+        };
+        output.note(&format!(
+            "no validation split: `{name}` follows the training {fallback}, not `{named}`"
+        ));
+    }
 }
 
 /// Everything a run needs, resolved by the command line.
@@ -164,7 +194,6 @@ pub fn train(setup: TrainSetup) -> Result<Summary, TrainError> {
             run.failed_writes,
             run.setup.checkpoint_dir.display()
         );
-        tracing::warn!("{message}");
         run.setup.output.warn(&message);
     }
     let summary = Summary {
@@ -201,6 +230,22 @@ impl Run {
             None => setup.split_seed.unwrap_or(config.seed),
         };
         let (mut train, mut val) = crate::data::split(&setup.train, setup.val_split, split_seed);
+        if setup.val_split > 0.0 && val.is_none() {
+            let samples = setup.train.len();
+            let side = if setup.val_split * (samples as f64) < 0.5 {
+                "validation"
+            } else {
+                "training"
+            };
+            return Err(TrainError::Split {
+                fraction: setup.val_split,
+                samples,
+                side,
+            });
+        }
+        if val.is_none() {
+            note_training_fallback(&config.callbacks, &setup.output);
+        }
         let bootstrap = match &setup.resume {
             Some((checkpoint, _)) => checkpoint.meta.bootstrap,
             None => setup.bootstrap,
@@ -635,7 +680,6 @@ impl Run {
             "no file is at that path"
         };
         let message = format!("{error}; {kept}; training goes on and retries after each epoch");
-        tracing::warn!("{message}");
         self.setup.output.warn(&message);
     }
 

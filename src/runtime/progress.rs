@@ -84,8 +84,12 @@ impl Output {
         }
     }
 
+    /// Prints a warning, once: quiet runs (ensemble members, sweep
+    /// trials) leave it to the log, which prints warnings by default.
     pub fn warn(&self, message: &str) {
-        if *self != Output::Quiet {
+        if *self == Output::Quiet {
+            tracing::warn!("{message}");
+        } else {
             eprintln!("warning: {message}");
         }
     }
