@@ -770,3 +770,29 @@ fn failed_best_checkpoint_is_not_reported_as_written() {
         "{stderr}"
     );
 }
+
+/// Resuming with another model file than the checkpoint's is an error, as
+/// the run would train the checkpoint's model and ignore the file.
+#[test]
+fn resume_with_another_model_file_is_rejected() {
+    let dir = temp_dir("resume-other-model");
+    let first = train_small(&dir, &["--epochs", "1"]);
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
+    let checkpoint = dir.join("last.safetensors");
+    let out = kiln(&[
+        "train",
+        "models/digits.model",
+        "--data",
+        "data/digits.csv.gz",
+        "--resume",
+        checkpoint.to_str().unwrap(),
+        "--checkpoint-dir",
+        dir.join("resumed").to_str().unwrap(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("was trained from a different model file"),
+        "{stderr}"
+    );
+}

@@ -8,7 +8,7 @@ use crate::check::value::Value;
 use crate::check::{CheckReport, Instance, Program};
 use crate::data::{self, Dataset, LabelColumn};
 use crate::diag::render::{self, SourceFile};
-use crate::runtime::checkpoint::{Checkpoint, Metadata};
+use crate::runtime::checkpoint::{self, Checkpoint, Metadata};
 use crate::runtime::engine::{default_threads, Engine, ExecutorKind};
 use crate::runtime::evaluate::evaluate;
 use crate::runtime::{self, Output, TrainError, TrainSetup};
@@ -337,6 +337,41 @@ pub fn train(args: TrainArgs) -> u8 {
     }
 }
 
+/// Rejects a resume whose model file is not the one the checkpoint was
+/// trained from: the run would go on training the checkpoint's model and
+/// ignore the file named on the command line.
+fn check_resumed_source(file: &Path, checkpoint: &Path, meta: &Metadata) -> Result<(), String> {
+    let source = super::read_model_file(file)?;
+    if checkpoint::sha256_hex(&source) == meta.source_sha256 {
+        return Ok(());
+    }
+    Err(format!(
+        "`{}` was trained from a different model file than `{}` (its model is `{}`); \
+         pass the file it was trained from to resume it, or drop --resume to start a new run",
+        checkpoint.display(),
+        file.display(),
+        meta.model
+    ))
+}
+
+/// Warns when a resumed run changes which samples it trains and
+/// validates on.
+fn warn_changed_split(args: &TrainArgs, meta: &Metadata) {
+    if let Some(split) = args.val_split.filter(|s| *s != meta.val_split) {
+        eprintln!(
+            "warning: --val-split {split} differs from the checkpoint's {}; the validation set changes mid-run",
+            meta.val_split
+        );
+    }
+    if args.limit.is_some() && args.limit != meta.limit {
+        let before = meta.limit.map_or("no limit".to_string(), |l| l.to_string());
+        eprintln!(
+            "warning: --limit {} differs from the checkpoint's ({before}); the training set changes mid-run",
+            args.limit.unwrap_or_default()
+        );
+    }
+}
+
 fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
     let usage = |m: String| (exit::USAGE, m);
     // Installed first, so that a Ctrl-C while the data loads also stops the
@@ -358,7 +393,9 @@ fn run_train(args: TrainArgs) -> Result<u8, (u8, String)> {
     };
     let (source, assignments) = match &resume {
         // A resumed run trains the checkpoint's own model and point.
-        Some((checkpoint, _)) => {
+        Some((checkpoint, path)) => {
+            check_resumed_source(&args.file, path, &checkpoint.meta).map_err(usage)?;
+            warn_changed_split(&args, &checkpoint.meta);
             if !args.set.is_empty() || args.lr.is_some() || args.model.is_some() {
                 eprintln!("warning: --resume continues the checkpoint's own model, hyperparameters and learning rate; --set, --lr and --model are ignored");
             }
