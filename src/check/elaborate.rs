@@ -225,6 +225,10 @@ impl<'p> Elaborator<'p> {
                     span: span.clone(),
                 }),
                 Stmt::Assign { name, value } => {
+                    if let Some(Binding::Shared(_)) = frame.values.get(&name.name) {
+                        self.value_shadows_shared_layer(frame, name, value);
+                        continue;
+                    }
                     let binding = match self.tensor(frame, value, &name.name) {
                         Some(node) => {
                             self.assigned
@@ -246,6 +250,29 @@ impl<'p> Elaborator<'p> {
                 }
             }
         }
+    }
+
+    /// Rejects a value named like a shared layer: binding it would hide the
+    /// layer from every later call. The value is still checked, and the
+    /// layer keeps the name.
+    fn value_shadows_shared_layer(
+        &mut self,
+        frame: &mut Frame<'p>,
+        name: &ast::Ident,
+        value: &'p Expr,
+    ) {
+        self.error(
+            Diagnostic::error(
+                codes::DUPLICATE,
+                format!(
+                    "`{}` is a shared layer; a value cannot take its name",
+                    name.name
+                ),
+            )
+            .primary(name.span.clone(), "assigned here")
+            .help("rename the value or the shared layer"),
+        );
+        let _ = self.tensor(frame, value, &name.name);
     }
 
     fn input(&mut self, frame: &mut Frame<'p>, name: &ast::Ident, dims: &[Expr], span: &Span) {
