@@ -93,8 +93,14 @@ fn invalid_value(arg: &KeywordArg, kind: Option<Kind>, expected: &str) -> Diagno
             d = d.help(format!("did you mean `{close}`?"));
         }
     }
-    if let (Some(Kind::Int), Value::Float(_)) = (kind, &arg.value) {
-        d = d.help("write a whole number, or declare the hyperparameter with `int(low, high)`");
+    if let (Some(Kind::Int), Value::Float(v)) = (kind, &arg.value) {
+        // Whole numbers past 2^53 are read as floats, since no setting
+        // takes integers that large.
+        d = if v.fract() == 0.0 && v.abs() >= 9.0e15 {
+            d.help("this whole number is far larger than any setting takes")
+        } else {
+            d.help("write a whole number, or declare the hyperparameter with `int(low, high)`")
+        };
     }
     d
 }
