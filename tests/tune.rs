@@ -892,3 +892,69 @@ fn tune_rejected_logdir_creates_no_study() {
         );
     }
 }
+
+/// Lists the tables in the SQLite database at `path`, by name.
+fn tables_in(path: &Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .unwrap();
+    let names = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .collect::<Result<Vec<String>, _>>()
+        .unwrap();
+    names
+}
+
+/// An SQLite database of another program, or a file that is no database,
+/// is not a study. `kiln tune` rejects it without writing to it, and
+/// `kiln study` rejects it with the same message.
+#[test]
+fn tune_rejects_foreign_database() {
+    let dir = temp_dir("foreign");
+    std::fs::write(dir.join("m.model"), DIGITS_SEARCH).unwrap();
+    let users = rusqlite::Connection::open(dir.join("users.db")).unwrap();
+    users
+        .execute_batch(
+            "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT);
+             INSERT INTO users (name) VALUES ('ada');",
+        )
+        .unwrap();
+    drop(users);
+    // A table named `studies` does not make a kiln study: its columns
+    // must be the study table's.
+    let studies = rusqlite::Connection::open(dir.join("studies.db")).unwrap();
+    studies
+        .execute_batch("CREATE TABLE studies (id INTEGER PRIMARY KEY, title TEXT);")
+        .unwrap();
+    drop(studies);
+    std::fs::write(dir.join("notes.txt"), "not a database\n").unwrap();
+    let data = digits();
+    for file in ["users.db", "studies.db", "notes.txt"] {
+        let before = std::fs::read(dir.join(file)).unwrap();
+        let out = kiln(&dir, &quick_tune(&data, file, "logs"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{file}: {stderr}");
+        assert!(stderr.contains(file), "{file}: {stderr}");
+        assert!(stderr.contains("is not a kiln study"), "{file}: {stderr}");
+        let after = std::fs::read(dir.join(file)).unwrap();
+        assert!(before == after, "{file}: kiln tune changed the file");
+        assert!(
+            !dir.join(format!("{file}-wal")).exists(),
+            "{file}: a write-ahead log was left beside the file"
+        );
+        assert!(!dir.join("logs").exists(), "{file}: the logdir was created");
+
+        let out = kiln(&dir, &["study", file]);
+        let study_stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{file}: {study_stderr}");
+        assert!(study_stderr.contains(file), "{file}: {study_stderr}");
+        assert!(
+            study_stderr.contains("is not a kiln study"),
+            "{file}: {study_stderr}"
+        );
+    }
+    assert_eq!(tables_in(&dir.join("users.db")), vec!["users"]);
+    assert_eq!(tables_in(&dir.join("studies.db")), vec!["studies"]);
+}

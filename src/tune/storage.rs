@@ -9,7 +9,7 @@
 //! backends (a PostgreSQL server, for workers on many machines): the
 //! sweep uses nothing else.
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -37,6 +37,8 @@ pub enum StorageError {
     ChangedSource { path: String, model: String },
     #[error("study database `{0}` not found")]
     NotFound(String),
+    #[error("`{path}` is not a kiln study: {reason}. kiln left the file unchanged; use a study file written by `kiln tune`, or a new --study path to start one")]
+    NotStudy { path: String, reason: String },
 }
 
 /// A trial's life: `Running` until it ends as one of the others.
@@ -233,13 +235,90 @@ CREATE TABLE IF NOT EXISTS trial_values (
 );
 ";
 
+/// Columns of the `studies` table that every kiln version writes.
+const STUDY_COLUMNS: [&str; 4] = ["model", "source", "source_sha256", "metric"];
+
+/// Checks, without writing, that the database at `path` is empty or
+/// contains a kiln study. Returns whether it contains the `studies` table.
+///
+/// # Errors
+/// [`StorageError::NotStudy`] when the file is not an SQLite database, or
+/// its tables are another program's.
+fn check_study_tables(conn: &Connection, path: &Path) -> Result<bool, StorageError> {
+    let not_study = |reason: String| StorageError::NotStudy {
+        path: path.display().to_string(),
+        reason,
+    };
+    let tables = match names(
+        conn,
+        r"SELECT name FROM sqlite_master
+          WHERE type = 'table' AND name NOT LIKE 'sqlite\_%' ESCAPE '\'
+          ORDER BY name",
+    ) {
+        Ok(tables) => tables,
+        Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::NotADatabase => {
+            return Err(not_study("it is not an SQLite database".into()))
+        }
+        Err(source) => {
+            return Err(StorageError::Open {
+                path: path.display().to_string(),
+                source,
+            })
+        }
+    };
+    if tables.is_empty() {
+        return Ok(false);
+    }
+    if !tables.iter().any(|t| t == "studies") {
+        return Err(not_study(format!(
+            "it contains the tables {} but no `studies` table",
+            quoted_list(&tables)
+        )));
+    }
+    let columns = names(conn, "SELECT name FROM pragma_table_info('studies')")?;
+    let missing: Vec<String> = STUDY_COLUMNS
+        .iter()
+        .filter(|c| !columns.iter().any(|name| name == *c))
+        .map(|c| c.to_string())
+        .collect();
+    if !missing.is_empty() {
+        return Err(not_study(format!(
+            "its `studies` table lacks the columns {}",
+            quoted_list(&missing)
+        )));
+    }
+    Ok(true)
+}
+
+/// Runs `query` and collects its first column as text.
+fn names(conn: &Connection, query: &str) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare(query)?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    rows.collect()
+}
+
+/// Formats up to five names as `` `a`, `b` ``, and counts the rest.
+fn quoted_list(names: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut text = names
+        .iter()
+        .take(SHOWN)
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        text += &format!(" and {} more", names.len() - SHOWN);
+    }
+    text
+}
+
 impl SqliteStorage {
     /// Opens (creating if needed) the study of `model` in the database at
     /// `path`.
     ///
     /// # Errors
-    /// When the file cannot be opened as an SQLite database, or holds a study
-    /// of another model.
+    /// When the file cannot be opened as an SQLite database, contains
+    /// another program's tables, or contains a study of another model.
     pub fn open(
         path: &Path,
         model: &str,
@@ -253,6 +332,9 @@ impl SqliteStorage {
         };
         let conn = Connection::open(path).map_err(open_error)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        // The check comes before the first write, so another program's
+        // database keeps its journal mode and gets no kiln tables.
+        check_study_tables(&conn, path)?;
         // Switching a new file to WAL needs an exclusive lock, which the busy
         // timeout does not wait for; a second process creating the same study
         // at the same moment retries instead of failing.
@@ -309,6 +391,12 @@ impl SqliteStorage {
             source,
         })?;
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        if !check_study_tables(&conn, path)? {
+            return Err(StorageError::NotStudy {
+                path: path.display().to_string(),
+                reason: "it has no tables".into(),
+            });
+        }
         let study: i64 = conn
             .query_row("SELECT id FROM studies ORDER BY id LIMIT 1", [], |r| {
                 r.get(0)
