@@ -958,3 +958,42 @@ fn tune_rejects_foreign_database() {
     assert_eq!(tables_in(&dir.join("users.db")), vec!["users"]);
     assert_eq!(tables_in(&dir.join("studies.db")), vec!["studies"]);
 }
+
+/// A study path that exists but is not a regular file, such as a device
+/// or a folder, is rejected before SQLite opens it, so no journal file is
+/// created beside it.
+#[test]
+fn tune_rejects_non_file_study() {
+    let dir = temp_dir("not-a-file");
+    std::fs::write(dir.join("m.model"), DIGITS_SEARCH).unwrap();
+    std::fs::create_dir(dir.join("folder")).unwrap();
+    let data = digits();
+    let cases = [("/dev/null", "character device"), ("folder", "folder")];
+    for (study, kind) in cases {
+        let journal = PathBuf::from(format!("{study}-journal"));
+        let journal = dir.join(journal);
+        let journal_before = journal.exists();
+        let out = kiln(&dir, &quick_tune(&data, study, "logs"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{study}: {stderr}");
+        assert!(stderr.contains(&format!("`{study}`")), "{study}: {stderr}");
+        assert!(
+            stderr.contains("is not a regular file"),
+            "{study}: {stderr}"
+        );
+        assert!(stderr.contains(kind), "{study}: {stderr}");
+        if !journal_before {
+            assert!(!journal.exists(), "{study}: SQLite created {journal:?}");
+        }
+        assert!(
+            !dir.join("logs").exists(),
+            "{study}: the logdir was created"
+        );
+    }
+    assert_eq!(names_in(&dir.join("folder")), Vec::<String>::new());
+
+    let out = kiln(&dir, &["study", "/dev/null"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is not a regular file"), "{stderr}");
+}

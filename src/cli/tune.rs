@@ -9,7 +9,7 @@ use crate::diag::render::{self, SourceFile};
 use crate::runtime::engine::default_threads;
 use crate::tune::pruner::Pruner;
 use crate::tune::sampler::{Direction, SamplerKind};
-use crate::tune::storage::{SqliteStorage, Storage, Trial, TrialState};
+use crate::tune::storage::{self, SqliteStorage, Storage, Trial, TrialState};
 use crate::tune::{self, logdir, report, Event, Metric, Problem, TuneConfig};
 use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
@@ -245,6 +245,9 @@ fn run_tune(args: TuneArgs) -> Result<u8, (u8, String)> {
         .study
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("{}.study", problem.model_name)));
+    // Checked before the path is made absolute, so that messages show the
+    // path as given.
+    storage::check_path(&study_path).map_err(|e| usage(e.to_string()))?;
     // Trials record their checkpoints by absolute path, so the study can be
     // used from any folder.
     let study_path = std::path::absolute(&study_path)

@@ -11,6 +11,7 @@
 
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
+use std::fs::FileType;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -39,6 +40,8 @@ pub enum StorageError {
     NotFound(String),
     #[error("`{path}` is not a kiln study: {reason}. kiln left the file unchanged; use a study file written by `kiln tune`, or a new --study path to start one")]
     NotStudy { path: String, reason: String },
+    #[error("`{path}` is not a regular file (it is {kind}), so it cannot be a study database; give the path of a study file, or of a new file to start one")]
+    NotAFile { path: String, kind: &'static str },
 }
 
 /// A trial's life: `Running` until it ends as one of the others.
@@ -235,6 +238,55 @@ CREATE TABLE IF NOT EXISTS trial_values (
 );
 ";
 
+/// Checks that `path` can be a study file, before SQLite opens it: an
+/// existing regular file or a new one. The SQLite that rusqlite bundles
+/// (3.50.2) opens `/dev/null`, creates `/dev/null-journal` beside it and
+/// then fails with "disk I/O error".
+///
+/// # Errors
+/// [`StorageError::NotAFile`] when `path` exists but is not a regular file.
+pub fn check_path(path: &Path) -> Result<(), StorageError> {
+    is_regular_file(path)?;
+    Ok(())
+}
+
+/// Checks that `path` is a regular file (or a link to one) if anything is
+/// there. Returns `false` when nothing is there.
+///
+/// # Errors
+/// [`StorageError::NotAFile`] when `path` is a folder, a device or another
+/// kind of file.
+fn is_regular_file(path: &Path) -> Result<bool, StorageError> {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(false);
+    };
+    if meta.is_file() {
+        return Ok(true);
+    }
+    Err(StorageError::NotAFile {
+        path: path.display().to_string(),
+        kind: file_kind(&meta.file_type()),
+    })
+}
+
+/// Names a kind of file that is not a regular file, for messages.
+fn file_kind(file_type: &FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if file_type.is_dir() {
+        "a folder"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else if file_type.is_block_device() {
+        "a block device"
+    } else if file_type.is_fifo() {
+        "a named pipe"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else {
+        "a special file"
+    }
+}
+
 /// Columns of the `studies` table that every kiln version writes.
 const STUDY_COLUMNS: [&str; 4] = ["model", "source", "source_sha256", "metric"];
 
@@ -317,7 +369,8 @@ impl SqliteStorage {
     /// `path`.
     ///
     /// # Errors
-    /// When the file cannot be opened as an SQLite database, contains
+    /// When `path` is not a regular file, when the file cannot be opened as
+    /// an SQLite database, contains
     /// another program's tables, or contains a study of another model.
     pub fn open(
         path: &Path,
@@ -325,6 +378,7 @@ impl SqliteStorage {
         source: &str,
         metric: &str,
     ) -> Result<SqliteStorage, StorageError> {
+        check_path(path)?;
         let source_sha256 = crate::runtime::checkpoint::sha256_hex(source);
         let open_error = |source| StorageError::Open {
             path: path.display().to_string(),
@@ -383,7 +437,7 @@ impl SqliteStorage {
     /// # Errors
     /// When the file is missing or is not a study database.
     pub fn open_existing(path: &Path) -> Result<SqliteStorage, StorageError> {
-        if !path.is_file() {
+        if !is_regular_file(path)? {
             return Err(StorageError::NotFound(path.display().to_string()));
         }
         let conn = Connection::open(path).map_err(|source| StorageError::Open {
