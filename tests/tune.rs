@@ -997,3 +997,30 @@ fn tune_rejects_non_file_study() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("is not a regular file"), "{stderr}");
 }
+
+/// A study path in a folder that does not exist names that folder before
+/// SQLite opens the file.
+#[test]
+fn tune_rejects_missing_study_folder() {
+    let dir = temp_dir("no-folder");
+    std::fs::write(dir.join("m.model"), DIGITS_SEARCH).unwrap();
+    std::fs::write(dir.join("file"), "").unwrap();
+    let data = digits();
+    let cases = [
+        ("nodir/sub/x.study", "the folder `nodir/sub` does not exist"),
+        ("file/x.study", "`file` is not a folder"),
+        ("file/sub/x.study", "`file` is not a folder"),
+    ];
+    for (study, message) in cases {
+        let out = kiln(&dir, &quick_tune(&data, study, "logs"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{study}: {stderr}");
+        assert!(stderr.contains(message), "{study}: {stderr}");
+        assert!(
+            !dir.join("logs").exists(),
+            "{study}: the logdir was created"
+        );
+    }
+    assert!(!dir.join("nodir").exists());
+    assert_eq!(std::fs::read(dir.join("file")).unwrap(), b"");
+}

@@ -42,6 +42,10 @@ pub enum StorageError {
     NotStudy { path: String, reason: String },
     #[error("`{path}` is not a regular file (it is {kind}), so it cannot be a study database; give the path of a study file, or of a new file to start one")]
     NotAFile { path: String, kind: &'static str },
+    #[error("the folder `{folder}` does not exist, so the study `{path}` cannot be created; create the folder first, or choose a study path in an existing folder")]
+    MissingFolder { path: String, folder: String },
+    #[error("cannot create the study `{path}` because `{file}` is not a folder; choose another study path")]
+    NotAFolder { path: String, file: String },
 }
 
 /// A trial's life: `Running` until it ends as one of the others.
@@ -239,15 +243,60 @@ CREATE TABLE IF NOT EXISTS trial_values (
 ";
 
 /// Checks that `path` can be a study file, before SQLite opens it: an
-/// existing regular file or a new one. The SQLite that rusqlite bundles
-/// (3.50.2) opens `/dev/null`, creates `/dev/null-journal` beside it and
-/// then fails with "disk I/O error".
+/// existing regular file, or a new file in an existing folder. The SQLite
+/// that rusqlite bundles (3.50.2) opens `/dev/null`, creates
+/// `/dev/null-journal` beside it and then fails with "disk I/O error". For
+/// a missing folder it reports only "unable to open database file".
 ///
 /// # Errors
-/// [`StorageError::NotAFile`] when `path` exists but is not a regular file.
+/// [`StorageError::NotAFile`] when `path` exists but is not a regular file,
+/// [`StorageError::MissingFolder`] or [`StorageError::NotAFolder`] when the
+/// folder of a new file does not exist or is a file.
 pub fn check_path(path: &Path) -> Result<(), StorageError> {
-    is_regular_file(path)?;
-    Ok(())
+    if is_regular_file(path)? {
+        return Ok(());
+    }
+    check_folder(path)
+}
+
+/// Checks that the folder of the new study file `path` exists, by finding
+/// the nearest path above `path` that exists.
+fn check_folder(path: &Path) -> Result<(), StorageError> {
+    let Some(folder) = path.parent().filter(|f| !f.as_os_str().is_empty()) else {
+        // A bare file name is created in the current folder.
+        return Ok(());
+    };
+    let missing = || StorageError::MissingFolder {
+        path: path.display().to_string(),
+        folder: folder.display().to_string(),
+    };
+    for ancestor in folder.ancestors() {
+        // A relative path's last ancestor is the empty path, which is the
+        // current folder, so every folder below it is missing.
+        if ancestor.as_os_str().is_empty() {
+            break;
+        }
+        match std::fs::metadata(ancestor) {
+            Ok(meta) if meta.is_dir() && ancestor == folder => return Ok(()),
+            Ok(meta) if meta.is_dir() => return Err(missing()),
+            Ok(_) => {
+                return Err(StorageError::NotAFolder {
+                    path: path.display().to_string(),
+                    file: ancestor.display().to_string(),
+                })
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ENOTDIR) =>
+            {
+                continue
+            }
+            // Other failures, such as a folder without search permission,
+            // are left to SQLite, which reports them when it opens the file.
+            Err(_) => return Ok(()),
+        }
+    }
+    Err(missing())
 }
 
 /// Checks that `path` is a regular file (or a link to one) if anything is
