@@ -1,6 +1,10 @@
 //! Study storage: trials, their hyperparameters, per-epoch values, results
 //! and states, in an SQLite database.
 //!
+//! A study also stores the model source and the run settings
+//! ([`RunSettings`]) that all its trials share, and rejects a resume that
+//! changes them.
+//!
 //! Every write is its own transaction, so a killed process loses at most
 //! the trial it was running. The database runs in WAL mode, so readers
 //! (`kiln study`) never block a sweep. Trials are claimed inside
@@ -9,7 +13,9 @@
 //! backends (a PostgreSQL server, for workers on many machines): the
 //! sweep uses nothing else.
 
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
+use rusqlite::{
+    params, Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior,
+};
 use serde::{Deserialize, Serialize};
 use std::fs::FileType;
 use std::path::Path;
@@ -46,6 +52,82 @@ pub enum StorageError {
     MissingFolder { path: String, folder: String },
     #[error("cannot create the study `{path}` because `{file}` is not a folder; choose another study path")]
     NotAFolder { path: String, file: String },
+    #[error("`{path}` contains a study that was run with other settings, so its trials and this run's would not be comparable:{}\nResume it with the study's settings, or use a new --study path for a sweep with these settings", indented_lines(.differences))]
+    ChangedSettings {
+        path: String,
+        differences: Vec<String>,
+    },
+}
+
+/// Formats `lines` as an indented list, each on a new line.
+fn indented_lines(lines: &[String]) -> String {
+    lines.iter().map(|line| format!("\n  {line}")).collect()
+}
+
+/// The settings of a `kiln tune` run that decide what its trials' values
+/// mean. All trials of a study share them, because the sampler and the
+/// pruner compare values across trials.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSettings {
+    /// `--data`, as an absolute path.
+    pub data: String,
+    /// SHA-256, in hex, of the training samples and labels that trials
+    /// train on: those loaded from `data`, after `--limit`.
+    pub data_sha256: String,
+    /// `--test-data`, as an absolute path.
+    pub test_data: Option<String>,
+    pub limit: Option<usize>,
+    /// `--epochs`; `None` trains each trial for the model's `epochs`.
+    pub epochs: Option<usize>,
+    pub val_split: f64,
+}
+
+impl RunSettings {
+    /// Lists how these settings differ from `stored`, the settings the
+    /// study was created with, one line per option.
+    pub fn differences(&self, stored: &RunSettings) -> Vec<String> {
+        let mut lines = Vec::new();
+        let mut compare = |option: &str, before: String, now: String| {
+            if before != now {
+                lines.push(format!("{option}: the study used {before}, this run {now}"));
+            }
+        };
+
+        let quoted = |path: &str| format!("`{path}`");
+        compare("--data", quoted(&stored.data), quoted(&self.data));
+        let test_data = |path: &Option<String>| path.as_deref().map_or("none".into(), quoted);
+        compare(
+            "--test-data",
+            test_data(&stored.test_data),
+            test_data(&self.test_data),
+        );
+
+        let limit = |limit: Option<usize>| limit.map_or("none".into(), |l| l.to_string());
+        compare("--limit", limit(stored.limit), limit(self.limit));
+        let epochs =
+            |epochs: Option<usize>| epochs.map_or("the model's `epochs`".into(), |e| e.to_string());
+        compare("--epochs", epochs(stored.epochs), epochs(self.epochs));
+
+        compare(
+            "--val-split",
+            stored.val_split.to_string(),
+            self.val_split.to_string(),
+        );
+
+        // A changed path or limit is reported above. The same path and
+        // limit with other samples means that the file changed or other
+        // columns were read.
+        if self.data == stored.data
+            && self.limit == stored.limit
+            && self.data_sha256 != stored.data_sha256
+        {
+            lines.push(format!(
+                "--data: the samples or labels read from `{}` differ from the study's (the file changed, or --label-column selects another column)",
+                self.data
+            ));
+        }
+        lines
+    }
 }
 
 /// A trial's life: `Running` until it ends as one of the others.
@@ -207,6 +289,7 @@ pub struct SqliteStorage {
     conn: Connection,
     study: i64,
     owner: String,
+    settings_adopted: bool,
 }
 
 const SCHEMA: &str = "
@@ -216,7 +299,8 @@ CREATE TABLE IF NOT EXISTS studies (
     source TEXT NOT NULL,
     source_sha256 TEXT NOT NULL,
     metric TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    run_settings TEXT
 );
 CREATE TABLE IF NOT EXISTS trials (
     id INTEGER PRIMARY KEY,
@@ -336,6 +420,108 @@ fn file_kind(file_type: &FileType) -> &'static str {
     }
 }
 
+/// The study that a sweep expects to find in its database, or creates.
+struct StudyRow<'a> {
+    model: &'a str,
+    source: &'a str,
+    source_sha256: String,
+    metric: &'a str,
+    settings: &'a RunSettings,
+}
+
+/// Adds the `run_settings` column to the `studies` table of a study
+/// created before kiln stored run settings. Its rows get `NULL` there.
+fn add_settings_column(tx: &Transaction) -> Result<(), StorageError> {
+    let columns = names(tx, "SELECT name FROM pragma_table_info('studies')")?;
+    if !columns.iter().any(|c| c == "run_settings") {
+        tx.execute_batch("ALTER TABLE studies ADD COLUMN run_settings TEXT")?;
+    }
+    Ok(())
+}
+
+/// Finds the study in the database and checks that it is `expected`, or
+/// inserts `expected` when the database has no study. Returns the study's
+/// id, and whether the study had no run settings and now has
+/// `expected.settings`.
+///
+/// # Errors
+/// When the study is of another model, of another source text of the
+/// model, or was run with another metric or other settings.
+fn find_or_create_study(
+    tx: &Transaction,
+    path: &Path,
+    expected: &StudyRow,
+) -> Result<(i64, bool), StorageError> {
+    let settings_json = serde_json::to_string(expected.settings)
+        .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+    let existing: Option<(i64, String, String, String, Option<String>)> = tx
+        .query_row(
+            "SELECT id, model, source_sha256, metric, run_settings FROM studies ORDER BY id LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .optional()?;
+
+    let Some((id, model, source_sha256, metric, stored)) = existing else {
+        tx.execute(
+            "INSERT INTO studies (model, source, source_sha256, metric, created, run_settings)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                expected.model,
+                expected.source,
+                expected.source_sha256,
+                expected.metric,
+                now(),
+                settings_json
+            ],
+        )?;
+        return Ok((tx.last_insert_rowid(), false));
+    };
+
+    if model != expected.model {
+        return Err(StorageError::OtherModel {
+            path: path.display().to_string(),
+            found: model,
+            expected: expected.model.to_string(),
+        });
+    }
+    if source_sha256 != expected.source_sha256 {
+        return Err(StorageError::ChangedSource {
+            path: path.display().to_string(),
+            model,
+        });
+    }
+
+    let mut differences = Vec::new();
+    if metric != expected.metric {
+        differences.push(format!(
+            "--metric: the study used {metric}, this run {}",
+            expected.metric
+        ));
+    }
+    let stored: Option<RunSettings> = stored
+        .map(|json| serde_json::from_str(&json))
+        .transpose()
+        .map_err(|e| StorageError::Corrupt(format!("run settings of the study: {e}")))?;
+    if let Some(stored) = &stored {
+        differences.extend(expected.settings.differences(stored));
+    }
+    if !differences.is_empty() {
+        return Err(StorageError::ChangedSettings {
+            path: path.display().to_string(),
+            differences,
+        });
+    }
+
+    if stored.is_none() {
+        tx.execute(
+            "UPDATE studies SET run_settings = ?2 WHERE id = ?1",
+            params![id, settings_json],
+        )?;
+    }
+    Ok((id, stored.is_none()))
+}
+
 /// Columns of the `studies` table that every kiln version writes.
 const STUDY_COLUMNS: [&str; 4] = ["model", "source", "source_sha256", "metric"];
 
@@ -415,20 +601,22 @@ fn quoted_list(names: &[String]) -> String {
 
 impl SqliteStorage {
     /// Opens (creating if needed) the study of `model` in the database at
-    /// `path`.
+    /// `path`. A new study stores `settings`, and an existing one must have
+    /// been created with the same `settings` and `metric`.
     ///
     /// # Errors
-    /// When `path` is not a regular file, when the file cannot be opened as
-    /// an SQLite database, contains
-    /// another program's tables, or contains a study of another model.
+    /// When `path` is not a regular file or is in a missing folder, or when
+    /// the file cannot be opened as an SQLite database, contains another
+    /// program's tables, or contains a study of another model or one run
+    /// with other settings.
     pub fn open(
         path: &Path,
         model: &str,
         source: &str,
         metric: &str,
+        settings: &RunSettings,
     ) -> Result<SqliteStorage, StorageError> {
         check_path(path)?;
-        let source_sha256 = crate::runtime::checkpoint::sha256_hex(source);
         let open_error = |source| StorageError::Open {
             path: path.display().to_string(),
             source,
@@ -443,42 +631,35 @@ impl SqliteStorage {
         // at the same moment retries instead of failing.
         retry_busy(|| conn.pragma_update(None, "journal_mode", "WAL")).map_err(open_error)?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        retry_busy(|| conn.execute_batch(SCHEMA)).map_err(open_error)?;
-        let existing: Option<(i64, String, String)> = conn
-            .query_row(
-                "SELECT id, model, source_sha256 FROM studies ORDER BY id LIMIT 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
-        let study = match existing {
-            Some((_, found, _)) if found != model => {
-                return Err(StorageError::OtherModel {
-                    path: path.display().to_string(),
-                    found,
-                    expected: model.to_string(),
-                })
-            }
-            Some((_, _, sha)) if sha != source_sha256 => {
-                return Err(StorageError::ChangedSource {
-                    path: path.display().to_string(),
-                    model: model.to_string(),
-                })
-            }
-            Some((id, _, _)) => id,
-            None => {
-                conn.execute(
-                    "INSERT INTO studies (model, source, source_sha256, metric, created) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![model, source, source_sha256, metric, now()],
-                )?;
-                conn.last_insert_rowid()
-            }
+        // One transaction creates the tables and creates or checks the study
+        // row, so two processes that start the same study at once share one
+        // row with one set of run settings.
+        let tx = retry_busy(|| Transaction::new_unchecked(&conn, TransactionBehavior::Immediate))
+            .map_err(open_error)?;
+        tx.execute_batch(SCHEMA)?;
+        add_settings_column(&tx)?;
+        let expected = StudyRow {
+            model,
+            source,
+            source_sha256: crate::runtime::checkpoint::sha256_hex(source),
+            metric,
+            settings,
         };
+        let (study, settings_adopted) = find_or_create_study(&tx, path, &expected)?;
+        tx.commit()?;
         Ok(SqliteStorage {
             conn,
             study,
             owner: owner(),
+            settings_adopted,
         })
+    }
+
+    /// Returns whether [`SqliteStorage::open`] stored its run settings in a
+    /// study created by a kiln version that did not store them. The earlier
+    /// trials of such a study may have used other settings.
+    pub fn settings_adopted(&self) -> bool {
+        self.settings_adopted
     }
 
     /// Opens an existing study for reading.
@@ -512,6 +693,7 @@ impl SqliteStorage {
             conn,
             study,
             owner: owner(),
+            settings_adopted: false,
         })
     }
 
