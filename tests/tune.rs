@@ -7,7 +7,9 @@ use kiln::check::check_source;
 use kiln::check::space::{Point, Space};
 use kiln::check::value::Value;
 use kiln::tune::sampler::{self, Direction, Draws, Observation};
-use kiln::tune::storage::{NewTrial, SqliteStorage, Storage, TrialEnd, TrialState};
+use kiln::tune::storage::{
+    NewTrial, RunSettings, SqliteStorage, Storage, StorageError, TrialEnd, TrialState,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -227,7 +229,8 @@ fn temp_dir(name: &str) -> PathBuf {
 fn storage_numbers_trials_and_reaps_dead_workers() {
     let dir = temp_dir("storage");
     let path = dir.join("s.study");
-    let mut storage = SqliteStorage::open(&path, "m", "model m {}", "val_accuracy").unwrap();
+    let mut storage =
+        SqliteStorage::open(&path, "m", "model m {}", "val_accuracy", &settings()).unwrap();
     let never = |_: &[kiln::tune::storage::Trial]| false;
     let first = storage
         .claim(
@@ -305,6 +308,67 @@ fn storage_numbers_trials_and_reaps_dead_workers() {
     assert_eq!(retry.retry_of, Some(second.number));
     let trials = storage.trials().unwrap();
     assert_eq!(trials[2].retry_of, Some(second.number));
+}
+
+/// Run settings of a study in a storage test.
+fn settings() -> RunSettings {
+    RunSettings {
+        data: "/data/train.csv".into(),
+        data_sha256: "0".repeat(64),
+        test_data: None,
+        limit: None,
+        epochs: Some(3),
+        val_split: 0.1,
+    }
+}
+
+/// Reopening a study with other run settings or another metric fails,
+/// with one line per change.
+#[test]
+fn storage_rejects_changed_settings() {
+    let dir = temp_dir("storage-settings");
+    let path = dir.join("s.study");
+    let open = |metric: &str, settings: &RunSettings| {
+        SqliteStorage::open(&path, "m", "model m {}", metric, settings)
+    };
+    let differences = |metric: &str, settings: &RunSettings| match open(metric, settings) {
+        Err(StorageError::ChangedSettings { differences, .. }) => differences,
+        Err(other) => panic!("expected changed settings, got {other}"),
+        Ok(_) => panic!("the changed settings were accepted"),
+    };
+    open("val_accuracy", &settings()).unwrap();
+    open("val_accuracy", &settings()).unwrap();
+
+    let mut epochs = settings();
+    epochs.epochs = None;
+    assert_eq!(
+        differences("val_accuracy", &epochs),
+        vec!["--epochs: the study used 3, this run the model's `epochs`"]
+    );
+    let mut test_data = settings();
+    test_data.test_data = Some("/data/test.csv".into());
+    assert_eq!(
+        differences("val_accuracy", &test_data),
+        vec!["--test-data: the study used none, this run `/data/test.csv`"]
+    );
+    let mut rows = settings();
+    rows.data_sha256 = "1".repeat(64);
+    let changed = differences("val_accuracy", &rows);
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    assert!(
+        changed[0].contains("differ from the study's"),
+        "{changed:?}"
+    );
+    // With another limit, other rows are expected and not listed again.
+    rows.limit = Some(100);
+    assert_eq!(
+        differences("val_accuracy", &rows),
+        vec!["--limit: the study used none, this run 100"]
+    );
+    assert_eq!(
+        differences("val_loss", &settings()),
+        vec!["--metric: the study used val_accuracy, this run val_loss"]
+    );
 }
 
 /// Gives trial `id` an owner process that cannot exist.
@@ -891,4 +955,368 @@ fn tune_rejected_logdir_creates_no_study() {
             "{logdir}: a study was created"
         );
     }
+}
+
+/// Lists the tables in the SQLite database at `path`, by name.
+fn tables_in(path: &Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .unwrap();
+    let names = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .collect::<Result<Vec<String>, _>>()
+        .unwrap();
+    names
+}
+
+/// An SQLite database of another program, or a file that is no database,
+/// is not a study. `kiln tune` rejects it without writing to it, and
+/// `kiln study` rejects it with the same message.
+#[test]
+fn tune_rejects_foreign_database() {
+    let dir = temp_dir("foreign");
+    std::fs::write(dir.join("m.model"), DIGITS_SEARCH).unwrap();
+    let users = rusqlite::Connection::open(dir.join("users.db")).unwrap();
+    users
+        .execute_batch(
+            "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT);
+             INSERT INTO users (name) VALUES ('ada');",
+        )
+        .unwrap();
+    drop(users);
+    // A table named `studies` does not make a kiln study: its columns
+    // must be the study table's.
+    let studies = rusqlite::Connection::open(dir.join("studies.db")).unwrap();
+    studies
+        .execute_batch("CREATE TABLE studies (id INTEGER PRIMARY KEY, title TEXT);")
+        .unwrap();
+    drop(studies);
+    std::fs::write(dir.join("notes.txt"), "not a database\n").unwrap();
+    let data = digits();
+    for file in ["users.db", "studies.db", "notes.txt"] {
+        let before = std::fs::read(dir.join(file)).unwrap();
+        let out = kiln(&dir, &quick_tune(&data, file, "logs"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{file}: {stderr}");
+        assert!(stderr.contains(file), "{file}: {stderr}");
+        assert!(stderr.contains("is not a kiln study"), "{file}: {stderr}");
+        let after = std::fs::read(dir.join(file)).unwrap();
+        assert!(before == after, "{file}: kiln tune changed the file");
+        assert!(
+            !dir.join(format!("{file}-wal")).exists(),
+            "{file}: a write-ahead log was left beside the file"
+        );
+        assert!(!dir.join("logs").exists(), "{file}: the logdir was created");
+
+        let out = kiln(&dir, &["study", file]);
+        let study_stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{file}: {study_stderr}");
+        assert!(study_stderr.contains(file), "{file}: {study_stderr}");
+        assert!(
+            study_stderr.contains("is not a kiln study"),
+            "{file}: {study_stderr}"
+        );
+    }
+    assert_eq!(tables_in(&dir.join("users.db")), vec!["users"]);
+    assert_eq!(tables_in(&dir.join("studies.db")), vec!["studies"]);
+}
+
+/// A study path that exists but is not a regular file, such as a device
+/// or a folder, is rejected before SQLite opens it, so no journal file is
+/// created beside it.
+#[test]
+fn tune_rejects_non_file_study() {
+    let dir = temp_dir("not-a-file");
+    std::fs::write(dir.join("m.model"), DIGITS_SEARCH).unwrap();
+    std::fs::create_dir(dir.join("folder")).unwrap();
+    let data = digits();
+    let cases = [("/dev/null", "character device"), ("folder", "folder")];
+    for (study, kind) in cases {
+        let journal = PathBuf::from(format!("{study}-journal"));
+        let journal = dir.join(journal);
+        let journal_before = journal.exists();
+        let out = kiln(&dir, &quick_tune(&data, study, "logs"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{study}: {stderr}");
+        assert!(stderr.contains(&format!("`{study}`")), "{study}: {stderr}");
+        assert!(
+            stderr.contains("is not a regular file"),
+            "{study}: {stderr}"
+        );
+        assert!(stderr.contains(kind), "{study}: {stderr}");
+        if !journal_before {
+            assert!(!journal.exists(), "{study}: SQLite created {journal:?}");
+        }
+        assert!(
+            !dir.join("logs").exists(),
+            "{study}: the logdir was created"
+        );
+    }
+    assert_eq!(names_in(&dir.join("folder")), Vec::<String>::new());
+
+    let out = kiln(&dir, &["study", "/dev/null"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is not a regular file"), "{stderr}");
+}
+
+/// A study path in a folder that does not exist names that folder before
+/// SQLite opens the file.
+#[test]
+fn tune_rejects_missing_study_folder() {
+    let dir = temp_dir("no-folder");
+    std::fs::write(dir.join("m.model"), DIGITS_SEARCH).unwrap();
+    std::fs::write(dir.join("file"), "").unwrap();
+    let data = digits();
+    let cases = [
+        ("nodir/sub/x.study", "the folder `nodir/sub` does not exist"),
+        ("file/x.study", "`file` is not a folder"),
+        ("file/sub/x.study", "`file` is not a folder"),
+    ];
+    for (study, message) in cases {
+        let out = kiln(&dir, &quick_tune(&data, study, "logs"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{study}: {stderr}");
+        assert!(stderr.contains(message), "{study}: {stderr}");
+        assert!(
+            !dir.join("logs").exists(),
+            "{study}: the logdir was created"
+        );
+    }
+    assert!(!dir.join("nodir").exists());
+    assert_eq!(std::fs::read(dir.join("file")).unwrap(), b"");
+}
+
+/// Options of a sweep with their values. `None` leaves an option out.
+type Settings<'a> = Vec<(&'a str, Option<&'a str>)>;
+
+/// Arguments of a one-trial sweep into `s.study` with these run settings.
+fn settings_args<'a>(settings: &[(&'a str, Option<&'a str>)], trials: &'a str) -> Vec<&'a str> {
+    let mut args = vec![
+        "tune",
+        "m.model",
+        "--trials",
+        trials,
+        "--pruner",
+        "none",
+        "--jobs",
+        "1",
+        "--threads",
+        "1",
+        "--study",
+        "s.study",
+    ];
+    for (option, value) in settings {
+        if let Some(value) = value {
+            args.extend([*option, *value]);
+        }
+    }
+    args
+}
+
+/// Replaces the value of `option` in `settings`.
+fn with_setting<'a>(
+    settings: &[(&'a str, Option<&'a str>)],
+    option: &str,
+    value: Option<&'a str>,
+) -> Settings<'a> {
+    settings
+        .iter()
+        .map(|&(o, v)| if o == option { (o, value) } else { (o, v) })
+        .collect()
+}
+
+/// Writes the first `rows` rows of the digits data after `skip` to a
+/// gzipped CSV file at `path`.
+fn write_digits(path: &Path, skip: usize, rows: usize) {
+    use std::io::{Read, Write};
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(digits()).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    let lines: Vec<&str> = text.lines().skip(skip).take(rows).collect();
+    let mut encoder = flate2::write::GzEncoder::new(
+        std::fs::File::create(path).unwrap(),
+        flate2::Compression::fast(),
+    );
+    encoder
+        .write_all((lines.join("\n") + "\n").as_bytes())
+        .unwrap();
+    encoder.finish().unwrap();
+}
+
+/// A resume with other data, epochs, limit, validation split or metric is
+/// rejected before it trains, with one line per changed option. A resume
+/// with the study's settings continues.
+#[test]
+fn tune_resume_rejects_changed_settings() {
+    let dir = temp_dir("settings");
+    std::fs::write(dir.join("m.model"), DIGITS_SEARCH).unwrap();
+    write_digits(&dir.join("d.csv.gz"), 0, 800);
+    write_digits(&dir.join("other.csv.gz"), 0, 800);
+    let study = dir.join("s.study");
+    let settings = [
+        ("--data", Some("d.csv.gz")),
+        ("--epochs", Some("1")),
+        ("--limit", Some("400")),
+        ("--val-split", Some("0.1")),
+        ("--metric", Some("val-accuracy")),
+    ];
+    let out = kiln(&dir, &settings_args(&settings, "1"));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(trials_in(&study).len(), 1);
+
+    let data = |name: &str| {
+        std::fs::canonicalize(dir.join(name))
+            .unwrap()
+            .display()
+            .to_string()
+    };
+    let other_data = format!(
+        "--data: the study used `{}`, this run `{}`",
+        data("d.csv.gz"),
+        data("other.csv.gz")
+    );
+    let cases: Vec<(Settings, Vec<String>)> = vec![
+        (
+            with_setting(&settings, "--data", Some("other.csv.gz")),
+            vec![other_data.clone()],
+        ),
+        (
+            with_setting(&settings, "--epochs", Some("2")),
+            vec!["--epochs: the study used 1, this run 2".into()],
+        ),
+        (
+            with_setting(&settings, "--epochs", None),
+            vec!["--epochs: the study used 1, this run the model's `epochs`".into()],
+        ),
+        (
+            with_setting(&settings, "--limit", Some("300")),
+            vec!["--limit: the study used 400, this run 300".into()],
+        ),
+        (
+            with_setting(&settings, "--limit", None),
+            vec!["--limit: the study used 400, this run none".into()],
+        ),
+        (
+            with_setting(&settings, "--val-split", Some("0.2")),
+            vec!["--val-split: the study used 0.1, this run 0.2".into()],
+        ),
+        (
+            with_setting(&settings, "--metric", Some("val-loss")),
+            vec!["--metric: the study used val_accuracy, this run val_loss".into()],
+        ),
+        (
+            with_setting(
+                &with_setting(
+                    &with_setting(&settings, "--data", Some("other.csv.gz")),
+                    "--epochs",
+                    Some("2"),
+                ),
+                "--limit",
+                Some("300"),
+            ),
+            vec![
+                other_data,
+                "--epochs: the study used 1, this run 2".into(),
+                "--limit: the study used 400, this run 300".into(),
+            ],
+        ),
+    ];
+    for (changed, lines) in &cases {
+        let out = kiln(&dir, &settings_args(changed, "2"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{changed:?}: {stderr}");
+        assert!(stderr.contains("s.study"), "{changed:?}: {stderr}");
+        assert!(stderr.contains("new --study path"), "{changed:?}: {stderr}");
+        for line in lines {
+            assert!(stderr.contains(line.as_str()), "{changed:?}: {stderr}");
+        }
+        let listed = stderr.lines().filter(|l| l.starts_with("  --")).count();
+        assert_eq!(listed, lines.len(), "{changed:?}: {stderr}");
+        assert_eq!(trials_in(&study).len(), 1, "{changed:?}: a trial ran");
+    }
+
+    // The same file name with other rows in it is other data.
+    write_digits(&dir.join("d.csv.gz"), 100, 800);
+    let out = kiln(&dir, &settings_args(&settings, "2"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("differ from the study's (the file changed"),
+        "{stderr}"
+    );
+    assert_eq!(trials_in(&study).len(), 1);
+
+    write_digits(&dir.join("d.csv.gz"), 0, 800);
+    let out = kiln(&dir, &settings_args(&settings, "2"));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(trials_in(&study).len(), 2);
+}
+
+/// A study made before kiln stored run settings stays readable. Its first
+/// resume stores the run's settings, and later resumes must match them.
+#[test]
+fn tune_resumes_study_without_settings() {
+    let dir = temp_dir("old-study");
+    std::fs::write(dir.join("m.model"), DIGITS_SEARCH).unwrap();
+    let data = digits();
+    let study = dir.join("s.study");
+    let settings = [
+        ("--data", Some(data.as_str())),
+        ("--epochs", Some("1")),
+        ("--limit", Some("400")),
+    ];
+    let out = kiln(&dir, &settings_args(&settings, "1"));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Older versions created the `studies` table without the column.
+    let conn = rusqlite::Connection::open(&study).unwrap();
+    conn.execute_batch("ALTER TABLE studies DROP COLUMN run_settings")
+        .unwrap();
+    drop(conn);
+
+    let out = kiln(&dir, &["study", "s.study", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["trials"].as_array().unwrap().len(), 1, "{json}");
+
+    let out = kiln(&dir, &settings_args(&settings, "2"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("did not store run settings"), "{stderr}");
+    assert_eq!(trials_in(&study).len(), 2);
+
+    let out = kiln(
+        &dir,
+        &settings_args(&with_setting(&settings, "--epochs", Some("2")), "3"),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--epochs: the study used 1, this run 2"),
+        "{stderr}"
+    );
+    assert_eq!(trials_in(&study).len(), 2);
 }

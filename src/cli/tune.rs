@@ -4,12 +4,12 @@
 use super::exit;
 use super::train::{interrupt_flag, label_column, test_split};
 use crate::check::Program;
-use crate::data;
+use crate::data::{self, Dataset};
 use crate::diag::render::{self, SourceFile};
 use crate::runtime::engine::default_threads;
 use crate::tune::pruner::Pruner;
 use crate::tune::sampler::{Direction, SamplerKind};
-use crate::tune::storage::{SqliteStorage, Storage, Trial, TrialState};
+use crate::tune::storage::{self, RunSettings, SqliteStorage, Storage, Trial, TrialState};
 use crate::tune::{self, logdir, report, Event, Metric, Problem, TuneConfig};
 use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
@@ -92,7 +92,8 @@ pub struct TuneArgs {
     pub timeout: Option<u64>,
     /// The study database (SQLite); default `NAME.study` in the current
     /// folder, where NAME is the name in `model NAME { }`. An existing
-    /// study is resumed.
+    /// study is resumed, and only with the --data, --test-data, --limit,
+    /// --epochs, --val-split and --metric it was created with.
     #[arg(long)]
     pub study: Option<PathBuf>,
     /// Write TensorBoard summaries here: the HParams dashboard's experiment,
@@ -227,6 +228,7 @@ fn run_tune(args: TuneArgs) -> Result<u8, (u8, String)> {
         )));
     }
     let problem = problem(&args)?;
+    let settings = run_settings(&args, &problem.train);
     if args.sampler == SamplerArg::Grid
         && crate::tune::sampler::grid(&problem.space, 1_000_000).is_none()
     {
@@ -245,11 +247,26 @@ fn run_tune(args: TuneArgs) -> Result<u8, (u8, String)> {
         .study
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("{}.study", problem.model_name)));
+    // Checked before the path is made absolute, so that messages show the
+    // path as given.
+    storage::check_path(&study_path).map_err(|e| usage(e.to_string()))?;
     // Trials record their checkpoints by absolute path, so the study can be
     // used from any folder.
     let study_path = std::path::absolute(&study_path)
         .map_err(|e| usage(format!("cannot resolve `{}`: {e}", study_path.display())))?;
-    let storage = open_study(&study_path, &problem, metric, args.logdir.as_deref())?;
+    let storage = open_study(
+        &study_path,
+        &problem,
+        metric,
+        &settings,
+        args.logdir.as_deref(),
+    )?;
+    if storage.settings_adopted() && !args.quiet {
+        eprintln!(
+            "note: `{}` was created by a kiln version that did not store run settings, so its earlier trials may have used other --data, --epochs or --limit. This run's settings are stored now, and later resumes must match them",
+            study_path.display()
+        );
+    }
     let config = TuneConfig {
         trials: args.trials,
         jobs,
@@ -333,6 +350,7 @@ fn open_study(
     study_path: &Path,
     problem: &Problem,
     metric: Metric,
+    settings: &RunSettings,
     logdir: Option<&Path>,
 ) -> Result<SqliteStorage, (u8, String)> {
     let usage = |m: String| (exit::USAGE, m);
@@ -350,6 +368,7 @@ fn open_study(
         &problem.model_name,
         &problem.source,
         metric.name(),
+        settings,
     )
     .map_err(|e| usage(e.to_string()))?;
     if let Some(dir) = logdir {
@@ -361,6 +380,56 @@ fn open_study(
         })?;
     }
     Ok(storage)
+}
+
+/// Collects the settings that every trial of the study must share, from
+/// the arguments and the training data after `--limit`.
+fn run_settings(args: &TuneArgs, train: &Dataset) -> RunSettings {
+    RunSettings {
+        data: resolved_path(&args.data),
+        data_sha256: dataset_sha256(train),
+        test_data: args.test_data.as_deref().map(resolved_path),
+        limit: args.limit,
+        epochs: args.epochs,
+        val_split: args.val_split,
+    }
+}
+
+/// Resolves `path` to an absolute path without links or `..`, so that the
+/// same file compares equal from any folder. Falls back to the path as
+/// given when it cannot be resolved.
+fn resolved_path(path: &Path) -> String {
+    std::fs::canonicalize(path)
+        .or_else(|_| std::path::absolute(path))
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// Hashes the features and labels of `data` with SHA-256, returned in hex.
+fn dataset_sha256(data: &Dataset) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update((data.features as u64).to_le_bytes());
+    hasher.update((data.len() as u64).to_le_bytes());
+    let labels: Vec<u8> = data
+        .labels
+        .iter()
+        .flat_map(|&label| (label as u64).to_le_bytes())
+        .collect();
+    hasher.update(&labels);
+    // Converting a block at a time keeps the copy small for large data.
+    let mut bytes = Vec::with_capacity(4 * 4096);
+    for block in data.x.chunks(4096) {
+        bytes.clear();
+        bytes.extend(block.iter().flat_map(|v| v.to_le_bytes()));
+        hasher.update(&bytes);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Checkpoints of a study's trials live beside it: `<study>.trials/`.
