@@ -616,9 +616,18 @@ fn callback(expr: &Expr, value: &Value) -> Result<Callback, Diagnostic> {
             min_lr: a.float("min_lr"),
             cooldown: a.int("cooldown").max(0) as usize,
         },
-        _ => Callback::CsvLog {
-            path: a.string("path").map(str::to_string),
-        },
+        _ => {
+            let path = a.string("path").map(str::to_string);
+            if path.as_deref() == Some("") {
+                return Err(Diagnostic::error(
+                    codes::INVALID_ARGUMENT,
+                    "`csv_log` needs a file path, found an empty string",
+                )
+                .primary(expr.span.clone(), "empty `path`")
+                .help("write a path such as `path = \"history.csv\"`, or leave `path` out to write `log.csv` in the checkpoint folder"));
+            }
+            Callback::CsvLog { path }
+        }
     })
 }
 

@@ -586,8 +586,13 @@ fn run_study(args: StudyArgs) -> Result<u8, String> {
         let best = report::best(&trials, direction).ok_or("the study has no complete trial")?;
         let text = report::export_best(&source, &model, best, &space)?;
         let check = crate::check::check_source(&text);
-        if check.has_errors() {
-            return Err("the exported model does not check; this is a bug in kiln".into());
+        if let Some(error) = check.diagnostics.iter().find(|d| d.is_error()) {
+            // The study's stored source was checked when the sweep started,
+            // so an error here means the stored source or point was changed.
+            return Err(format!(
+                "the exported model does not check ({}); the model source or trial {}'s values stored in the study may be damaged",
+                error.message, best.number
+            ));
         }
         std::fs::write(path, text)
             .map_err(|e| format!("cannot write `{}`: {e}", path.display()))?;
