@@ -19,7 +19,7 @@ struct ModelParser;
 /// cannot match.
 pub fn parse(source: &str) -> Result<File, Diagnostic> {
     check_bracket_depth(source)?;
-    let mut pairs = ModelParser::parse(Rule::file, source).map_err(syntax_error)?;
+    let mut pairs = ModelParser::parse(Rule::file, source).map_err(|e| syntax_error(e, source))?;
     TOO_DEEP.with(|t| t.set(None));
     let file = convert(pairs.next());
     if let Some((start, end)) = TOO_DEEP.with(|t| t.take()) {
@@ -480,7 +480,7 @@ fn parse_primary(pair: Pair<Rule>) -> Expr {
     expr
 }
 
-fn syntax_error(error: pest::error::Error<Rule>) -> Diagnostic {
+fn syntax_error(error: pest::error::Error<Rule>, source: &str) -> Diagnostic {
     let span = match error.location {
         InputLocation::Pos(p) => p..p,
         InputLocation::Span((s, e)) => s..e,
@@ -498,7 +498,18 @@ fn syntax_error(error: pest::error::Error<Rule>) -> Diagnostic {
         }
         ErrorVariant::CustomError { message } => (message.clone(), message.clone()),
     };
-    Diagnostic::error(codes::SYNTAX, message).primary(span, label)
+    let found = source
+        .get(span.start..)
+        .and_then(|rest| rest.chars().next());
+    let diagnostic = Diagnostic::error(codes::SYNTAX, message).primary(span, label);
+    match found {
+        // A letter such as `ö` ends a name early, which the parser reports
+        // as whatever should have followed the name.
+        Some(c) if c.is_alphabetic() && !c.is_ascii() => diagnostic.help(format!(
+            "names use ASCII letters, digits and `_`; `{c}` is not one of them"
+        )),
+        _ => diagnostic,
+    }
 }
 
 fn join_alternatives(names: &[&str]) -> String {
