@@ -190,6 +190,12 @@ pub fn plots(
     direction: Direction,
     dir: &Path,
 ) -> Result<(), String> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(format!(
+            "`{}` is a file; --plots takes a folder to write history.svg and params.svg into",
+            dir.display()
+        ));
+    }
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create `{}`: {e}", dir.display()))?;
     let points: Vec<(f64, f64)> = trials
         .iter()
