@@ -804,11 +804,19 @@ fn crafted_ensemble_files_are_rejected() {
     let dir = temp_dir("crafted");
     small_seed_ensemble(&dir);
     let original = dir.join("ensemble.safetensors");
-    let cases: [(&str, HeaderEdit, &str); 4] = [
+    let cases: [(&str, HeaderEdit, &str); 5] = [
         (
             "negative.st",
             |e| e["members"][0]["weight"] = (-1.0).into(),
             "member 0 has weight -1",
+        ),
+        (
+            "overflow.st",
+            |e| {
+                e["members"][0]["weight"] = 1e308.into();
+                e["members"][1]["weight"] = 1e308.into();
+            },
+            "the member weights sum to inf",
         ),
         (
             "zero.st",
