@@ -577,6 +577,42 @@ fn non_finite_data_is_rejected() {
 }
 
 #[test]
+fn ambiguous_csv_label_is_rejected() {
+    let dir = temp_dir("ambiguous-label");
+    let path = dir.join("two.csv");
+    std::fs::write(&path, "y,f,class\n1,2,0\n0,3,1\n").unwrap();
+    let model = write_model(
+        &dir,
+        "model m { input f: [2] logits = dense(f, units = 2) output logits: [2] }",
+    );
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            &model,
+            "--data",
+            path.to_str().unwrap(),
+            "--checkpoint-dir",
+            dir.to_str().unwrap(),
+            "--epochs",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        kiln(&args)
+    };
+    let out = train(&[]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("columns 0 (`y`) and 2 (`class`) could each be the label"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("pass --label-column"), "{stderr}");
+
+    let out = train(&["--label-column", "class"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+#[test]
 fn invalid_numbers_are_rejected() {
     let dir = temp_dir("numbers");
     let model = write_model(&dir, SMALL_MODEL);
