@@ -775,6 +775,60 @@ fn ensemble_checks_repeated_and_ensemble_inputs() {
     );
 }
 
+#[test]
+fn ensemble_out_must_not_be_an_input() {
+    let dir = temp_dir("out-input");
+    small_seed_ensemble(&dir);
+    std::fs::copy(root("data/digits.csv.gz"), dir.join("d.csv.gz")).unwrap();
+    std::fs::copy(root("data/digits.csv.gz"), dir.join("t.csv.gz")).unwrap();
+    // Not a real study: --out is checked before the study is opened.
+    std::fs::write(dir.join("s.study"), "study").unwrap();
+    let m0 = "ensemble.safetensors.members/seed-0/best.safetensors";
+    let m1 = "ensemble.safetensors.members/seed-1/best.safetensors";
+    let cases: [(&[&str], &str, &str); 5] = [
+        (
+            &[
+                "mlp.model",
+                "--data",
+                "d.csv.gz",
+                "--seeds",
+                "2",
+                "--epochs",
+                "1",
+            ],
+            "mlp.model",
+            "the `.model` file",
+        ),
+        (
+            &[m0, m1, "--data", "d.csv.gz"],
+            "d.csv.gz",
+            "the --data file",
+        ),
+        (
+            &[m0, m1, "--data", "d.csv.gz", "--test-data", "t.csv.gz"],
+            "t.csv.gz",
+            "the --test-data file",
+        ),
+        (&[m0, m1, "--data", "d.csv.gz"], m1, "a member checkpoint"),
+        (
+            &["--study", "s.study", "--top", "2", "--data", "d.csv.gz"],
+            "s.study",
+            "the --study database",
+        ),
+    ];
+    for (args, out, kind) in cases {
+        let before = std::fs::read(dir.join(out)).unwrap();
+        let mut all = vec!["ensemble"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--out", out]);
+        let stderr = usage_error(&kiln(&dir, &all));
+        let expected = format!("--out `{out}` is one of the input files ({kind})");
+        assert!(stderr.contains(&expected), "{out}: {stderr}");
+        let after = std::fs::read(dir.join(out)).unwrap();
+        assert!(before == after, "{out} was changed");
+    }
+}
+
 /// Copies an ensemble file to `to` with its `kiln_ensemble` metadata
 /// changed by `edit`.
 fn edit_ensemble_header(from: &Path, to: &Path, edit: impl FnOnce(&mut serde_json::Value)) {

@@ -133,6 +133,45 @@ fn validate_options(args: &EnsembleArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// Rejects an `--out` that is one of the files the run reads: the `.model`
+/// file, a member checkpoint, the data or the study. Writing the ensemble
+/// there would destroy that input.
+fn reject_out_among_inputs(args: &EnsembleArgs) -> Result<(), String> {
+    let input_kind = if args.seeds.is_some() {
+        "the `.model` file"
+    } else {
+        "a member checkpoint"
+    };
+    let mut inputs: Vec<(&Path, &str)> = args
+        .inputs
+        .iter()
+        .map(|path| (path.as_path(), input_kind))
+        .collect();
+    inputs.push((&args.data, "the --data file"));
+    if let Some(test_data) = &args.test_data {
+        inputs.push((test_data, "the --test-data file"));
+    }
+    if let Some(study) = &args.study {
+        inputs.push((study, "the --study database"));
+    }
+    match inputs.iter().find(|(path, _)| same_file(path, &args.out)) {
+        Some((_, kind)) => Err(format!(
+            "--out `{}` is one of the input files ({kind}); choose another path",
+            args.out.display()
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Checks whether two paths name the same existing file, following symbolic
+/// links and `..`.
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
 /// Members named by the arguments.
 fn member_sources(
     args: &EnsembleArgs,
@@ -497,6 +536,7 @@ fn build(args: EnsembleArgs) -> Result<u8, (u8, String)> {
     // member in training after its step, and a second one exits at once.
     let interrupt = interrupt_flag();
     validate_options(&args).map_err(usage)?;
+    reject_out_among_inputs(&args).map_err(usage)?;
     let loaded = data::load(&args.data, &label_column(&args.label_column))
         .map_err(|e| usage(e.to_string()))?;
     let test = test_split(
@@ -548,11 +588,7 @@ pub(crate) fn pool(
     options: &PoolOptions,
 ) -> Result<u8, (u8, String)> {
     let usage = |m: String| (exit::USAGE, m);
-    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    if sources.iter().any(|s| same(s.path(), &options.out)) {
+    if sources.iter().any(|s| same_file(s.path(), &options.out)) {
         return Err(usage(format!(
             "--out `{}` is one of the members; choose another path",
             options.out.display()
