@@ -829,6 +829,51 @@ fn ensemble_out_must_not_be_an_input() {
     }
 }
 
+#[test]
+fn model_file_as_checkpoint_is_explained() {
+    let dir = temp_dir("model-input");
+    small_seed_ensemble(&dir);
+    // The same model text under a name that does not end in `.model`.
+    std::fs::copy(dir.join("mlp.model"), dir.join("notes.txt")).unwrap();
+    let data = root("data/digits.csv.gz");
+    let member = "ensemble.safetensors.members/seed-0/best.safetensors";
+    for model in ["mlp.model", "notes.txt"] {
+        let out = kiln(&dir, &["ensemble", member, model, "--data", &data]);
+        let stderr = usage_error(&out);
+        let expected = format!("`{model}` is a model file, not a checkpoint");
+        assert!(stderr.contains(&expected), "{model}: {stderr}");
+        assert!(
+            stderr.contains("give it alone with `--seeds N`"),
+            "{model}: {stderr}"
+        );
+        assert!(!stderr.contains("header too large"), "{model}: {stderr}");
+    }
+
+    let out = kiln(
+        &dir,
+        &["predict", "mlp.model", "--data", &data, "--out", "p.csv"],
+    );
+    let stderr = usage_error(&out);
+    assert!(
+        stderr.contains("`mlp.model` is a model file, not a checkpoint"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("train it with `kiln train`"), "{stderr}");
+
+    // A data file is not mistaken for a model file.
+    let out = kiln(&dir, &["ensemble", member, &data, "--data", &data]);
+    let stderr = usage_error(&out);
+    assert!(stderr.contains("is not a kiln checkpoint"), "{stderr}");
+
+    // Nor is a damaged checkpoint whose name ends in `.model`.
+    let checkpoint = std::fs::read(dir.join(member)).unwrap();
+    std::fs::write(dir.join("cut.model"), &checkpoint[..100]).unwrap();
+    let out = kiln(&dir, &["ensemble", member, "cut.model", "--data", &data]);
+    let stderr = usage_error(&out);
+    assert!(stderr.contains("is not a kiln checkpoint"), "{stderr}");
+    assert!(!stderr.contains("is a model file"), "{stderr}");
+}
+
 /// Copies an ensemble file to `to` with its `kiln_ensemble` metadata
 /// changed by `edit`.
 fn edit_ensemble_header(from: &Path, to: &Path, edit: impl FnOnce(&mut serde_json::Value)) {

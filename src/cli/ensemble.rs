@@ -4,10 +4,10 @@
 //! ensemble file.
 
 use super::exit;
-use super::predictor::{Member, Predictor};
+use super::predictor::{restore_or_explain, Member, Predictor};
 use super::train::{
-    instantiate, interrupt_flag, label_column, restore, restore_checkpoint, test_split,
-    train_error, ExecArgs, Restored, INTERRUPTED,
+    instantiate, interrupt_flag, label_column, restore_checkpoint, test_split, train_error,
+    ExecArgs, Restored, INTERRUPTED,
 };
 use crate::check::Instance;
 use crate::data::{self, Dataset};
@@ -232,8 +232,8 @@ fn warn_repeated(paths: &[PathBuf]) {
     }
 }
 
-/// Opens a member checkpoint file. An ensemble file is rejected with a
-/// hint, because its members' metadata is not a checkpoint's.
+/// Opens a member checkpoint file. An ensemble file or a model file is
+/// rejected with a hint, because neither is a checkpoint.
 fn restore_member_file(path: &Path) -> Result<Restored, (u8, String)> {
     if file::is_ensemble(path) {
         return Err((
@@ -244,7 +244,8 @@ fn restore_member_file(path: &Path) -> Result<Restored, (u8, String)> {
             ),
         ));
     }
-    restore(path)
+    let hint = "to pool copies of it, give it alone with `--seeds N`, which trains N members with seeds 0 to N-1";
+    restore_or_explain(path, hint)
 }
 
 /// Checkpoints of a study's complete trials, best first: the best `keep`,
