@@ -526,6 +526,47 @@ fn npy_file(descriptor: &str, shape: &str, data: &[u8]) -> Vec<u8> {
     bytes
 }
 
+/// Builds a zip archive of uncompressed members, as `numpy.savez` writes
+/// one, with correct CRC-32 checksums.
+fn stored_zip(members: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut archive = Vec::new();
+    let mut directory = Vec::new();
+    for (name, data) in members {
+        let mut crc = flate2::Crc::new();
+        crc.update(data);
+        let offset = archive.len() as u32;
+        // Version, flags, method, time, date, CRC-32, sizes, name and extra
+        // lengths: the fields that local and central headers share.
+        let mut common = vec![20, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        common.extend_from_slice(&crc.sum().to_le_bytes());
+        common.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        common.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        common.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        common.extend_from_slice(&[0, 0]);
+
+        archive.extend_from_slice(b"PK\x03\x04");
+        archive.extend_from_slice(&common);
+        archive.extend_from_slice(name.as_bytes());
+        archive.extend_from_slice(data);
+
+        directory.extend_from_slice(b"PK\x01\x02\x14\x00");
+        directory.extend_from_slice(&common);
+        // Comment length, disk, internal and external attributes.
+        directory.extend_from_slice(&[0; 10]);
+        directory.extend_from_slice(&offset.to_le_bytes());
+        directory.extend_from_slice(name.as_bytes());
+    }
+    let directory_offset = archive.len() as u32;
+    archive.extend_from_slice(&directory);
+    archive.extend_from_slice(b"PK\x05\x06\x00\x00\x00\x00");
+    let count = (members.len() as u16).to_le_bytes();
+    archive.extend_from_slice(&[count, count].concat());
+    archive.extend_from_slice(&(directory.len() as u32).to_le_bytes());
+    archive.extend_from_slice(&directory_offset.to_le_bytes());
+    archive.extend_from_slice(&[0, 0]);
+    archive
+}
+
 #[test]
 fn npy_shape_larger_than_file_is_rejected() {
     let dir = temp_dir("npy-shape");
@@ -533,9 +574,12 @@ fn npy_shape_larger_than_file_is_rejected() {
     let checkpoint = dir.join("best.safetensors");
     // About 1 KB, whose header promises 25.6 TB of float32 values.
     let huge = npy_file("<f4", "(100000000000, 64)", &[0; 896]);
+    let labels = npy_file("<i8", "(100000000000,)", &[0; 64]);
     std::fs::write(dir.join("huge.npy"), &huge).unwrap();
+    let npz = stored_zip(&[("x.npy", &huge), ("y.npy", &labels)]);
+    std::fs::write(dir.join("huge.npz"), npz).unwrap();
 
-    for name in ["huge.npy"] {
+    for name in ["huge.npy", "huge.npz"] {
         let data = dir.join(name);
         let data = data.to_str().unwrap();
         let out_csv = dir.join("p.csv");

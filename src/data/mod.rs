@@ -4,6 +4,7 @@
 mod csv;
 mod idx;
 mod npy;
+mod zip;
 
 use crate::rng;
 use std::path::{Path, PathBuf};

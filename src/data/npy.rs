@@ -2,10 +2,10 @@
 //! `y_train`, `x_test`, `y_test`) arrays, and `.npy` matrices whose last
 //! column is the label.
 
+use super::zip::Archive;
 use super::{DataError, Dataset, Loaded};
 use ndarray::{ArrayD, IxDyn, ShapeBuilder};
 use ndarray_npy::npy::header::Header;
-use ndarray_npy::NpzReader;
 use std::io::{self, BufReader, Read};
 use std::path::Path;
 
@@ -118,6 +118,7 @@ fn read_header(reader: &mut impl Read) -> Result<Header, String> {
     if prefix[..MAGIC.len()] != MAGIC[..] {
         return Err("missing the NumPy magic string".into());
     }
+
     let (major, minor) = (prefix[MAGIC.len()], prefix[MAGIC.len() + 1]);
     // Version 1 stores the header length in 2 bytes, versions 2 and 3 in 4.
     let length_bytes = match major {
@@ -130,6 +131,7 @@ fn read_header(reader: &mut impl Read) -> Result<Header, String> {
         .read_exact(&mut length[..length_bytes])
         .map_err(truncated)?;
     prefix.extend_from_slice(&length[..length_bytes]);
+
     let header_bytes = u64::from(u32::from_le_bytes(length));
     // Read through `take`, so that a header length larger than the file
     // allocates no more than the file contains.
@@ -224,27 +226,30 @@ fn read_values(
     Ok((values, found))
 }
 
-/// Converts an array of any numeric type NumPy commonly uses to `f32`.
-fn read_any<R: std::io::Read + std::io::Seek>(
-    npz: &mut NpzReader<R>,
-    name: &str,
-) -> Option<ArrayD<f32>> {
-    if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<f32>, IxDyn>(name) {
-        return Some(a);
-    }
-    if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<f64>, IxDyn>(name) {
-        return Some(a.mapv(|v| v as f32));
-    }
-    if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<u8>, IxDyn>(name) {
-        return Some(a.mapv(|v| v as f32));
-    }
-    if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<i64>, IxDyn>(name) {
-        return Some(a.mapv(|v| v as f32));
-    }
-    if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<i32>, IxDyn>(name) {
-        return Some(a.mapv(|v| v as f32));
-    }
-    None
+/// Reads the array `name` of an `.npz` archive. NumPy stores array `x` as
+/// the member `x.npy`, and a member named `x` is accepted as well.
+fn read_npz_array(path: &Path, archive: &Archive, name: &str) -> Result<ArrayD<f32>, DataError> {
+    let invalid = |reason: String| DataError::invalid(path, "NumPy .npz", reason);
+    let member_name = if archive.names().iter().any(|n| n == name) {
+        name.to_string()
+    } else {
+        format!("{name}.npy")
+    };
+    let member = archive.member(&member_name).map_err(invalid)?;
+    read_array(member).map_err(|reason| invalid(format!("array `{name}`: {reason}")))
+}
+
+/// Opens an `.npz` archive and lists its arrays, named without `.npy`.
+fn open_npz(path: &Path) -> Result<(Archive, Vec<String>), DataError> {
+    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let archive =
+        Archive::new(file).map_err(|reason| DataError::invalid(path, "NumPy .npz", reason))?;
+    let names = archive
+        .names()
+        .into_iter()
+        .map(|n| n.strip_suffix(".npy").map_or(n.clone(), str::to_string))
+        .collect();
+    Ok((archive, names))
 }
 
 /// Reads a `.npy` file.
@@ -286,21 +291,9 @@ fn dataset(path: &Path, x: ArrayD<f32>, y: ArrayD<f32>, what: &str) -> Result<Da
 }
 
 pub fn load_npz(path: &Path) -> Result<Loaded, DataError> {
-    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
-    let mut npz =
-        NpzReader::new(file).map_err(|e| DataError::invalid(path, "NumPy .npz", e.to_string()))?;
-    let names = npz
-        .names()
-        .map_err(|e| DataError::invalid(path, "NumPy .npz", e.to_string()))?;
-    let has = |n: &str| names.iter().any(|m| m == n || m == &format!("{n}.npy"));
-    let mut read = |n: &str| {
-        let key = if names.iter().any(|m| m == n) {
-            n.to_string()
-        } else {
-            format!("{n}.npy")
-        };
-        read_any(&mut npz, &key).ok_or_else(|| DataError::invalid(path, "NumPy .npz", format!("array `{n}` has an unsupported type; use float32, float64, uint8, int32 or int64")))
-    };
+    let (archive, names) = open_npz(path)?;
+    let has = |n: &str| names.iter().any(|m| m == n);
+    let read = |n: &str| read_npz_array(path, &archive, n);
     if has("x_train") && has("y_train") {
         let train = dataset(path, read("x_train")?, read("y_train")?, "x_train")?;
         let test = if has("x_test") && has("y_test") {
@@ -348,13 +341,8 @@ pub fn load_npy_features(path: &Path) -> Result<Dataset, DataError> {
 /// Reads the `x` (else `x_test`) array of a `.npz` file as unlabeled
 /// samples.
 pub fn load_npz_features(path: &Path) -> Result<Dataset, DataError> {
-    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
-    let mut npz =
-        NpzReader::new(file).map_err(|e| DataError::invalid(path, "NumPy .npz", e.to_string()))?;
-    let names = npz
-        .names()
-        .map_err(|e| DataError::invalid(path, "NumPy .npz", e.to_string()))?;
-    let key = ["x", "x.npy", "x_test", "x_test.npy"]
+    let (archive, names) = open_npz(path)?;
+    let key = ["x", "x_test"]
         .into_iter()
         .find(|k| names.iter().any(|n| n == k))
         .ok_or_else(|| {
@@ -367,14 +355,7 @@ pub fn load_npz_features(path: &Path) -> Result<Dataset, DataError> {
                 ),
             )
         })?;
-    let x = read_any(&mut npz, key).ok_or_else(|| {
-        DataError::invalid(
-            path,
-            "NumPy .npz",
-            format!("array `{key}` has an unsupported type"),
-        )
-    })?;
-    features_only(path, x)
+    features_only(path, read_npz_array(path, &archive, key)?)
 }
 
 pub fn load_npy(path: &Path) -> Result<Dataset, DataError> {
