@@ -775,6 +775,105 @@ fn ensemble_checks_repeated_and_ensemble_inputs() {
     );
 }
 
+#[test]
+fn ensemble_out_must_not_be_an_input() {
+    let dir = temp_dir("out-input");
+    small_seed_ensemble(&dir);
+    std::fs::copy(root("data/digits.csv.gz"), dir.join("d.csv.gz")).unwrap();
+    std::fs::copy(root("data/digits.csv.gz"), dir.join("t.csv.gz")).unwrap();
+    // Not a real study: --out is checked before the study is opened.
+    std::fs::write(dir.join("s.study"), "study").unwrap();
+    let m0 = "ensemble.safetensors.members/seed-0/best.safetensors";
+    let m1 = "ensemble.safetensors.members/seed-1/best.safetensors";
+    let cases: [(&[&str], &str, &str); 5] = [
+        (
+            &[
+                "mlp.model",
+                "--data",
+                "d.csv.gz",
+                "--seeds",
+                "2",
+                "--epochs",
+                "1",
+            ],
+            "mlp.model",
+            "the `.model` file",
+        ),
+        (
+            &[m0, m1, "--data", "d.csv.gz"],
+            "d.csv.gz",
+            "the --data file",
+        ),
+        (
+            &[m0, m1, "--data", "d.csv.gz", "--test-data", "t.csv.gz"],
+            "t.csv.gz",
+            "the --test-data file",
+        ),
+        (&[m0, m1, "--data", "d.csv.gz"], m1, "a member checkpoint"),
+        (
+            &["--study", "s.study", "--top", "2", "--data", "d.csv.gz"],
+            "s.study",
+            "the --study database",
+        ),
+    ];
+    for (args, out, kind) in cases {
+        let before = std::fs::read(dir.join(out)).unwrap();
+        let mut all = vec!["ensemble"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--out", out]);
+        let stderr = usage_error(&kiln(&dir, &all));
+        let expected = format!("--out `{out}` is one of the input files ({kind})");
+        assert!(stderr.contains(&expected), "{out}: {stderr}");
+        let after = std::fs::read(dir.join(out)).unwrap();
+        assert!(before == after, "{out} was changed");
+    }
+}
+
+#[test]
+fn model_file_as_checkpoint_is_explained() {
+    let dir = temp_dir("model-input");
+    small_seed_ensemble(&dir);
+    // The same model text under a name that does not end in `.model`.
+    std::fs::copy(dir.join("mlp.model"), dir.join("notes.txt")).unwrap();
+    let data = root("data/digits.csv.gz");
+    let member = "ensemble.safetensors.members/seed-0/best.safetensors";
+    for model in ["mlp.model", "notes.txt"] {
+        let out = kiln(&dir, &["ensemble", member, model, "--data", &data]);
+        let stderr = usage_error(&out);
+        let expected = format!("`{model}` is a model file, not a checkpoint");
+        assert!(stderr.contains(&expected), "{model}: {stderr}");
+        assert!(
+            stderr.contains("give it alone with `--seeds N`"),
+            "{model}: {stderr}"
+        );
+        assert!(!stderr.contains("header too large"), "{model}: {stderr}");
+    }
+
+    let out = kiln(
+        &dir,
+        &["predict", "mlp.model", "--data", &data, "--out", "p.csv"],
+    );
+    let stderr = usage_error(&out);
+    assert!(
+        stderr.contains("`mlp.model` is a model file, not a checkpoint"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("train it with `kiln train`"), "{stderr}");
+
+    // A data file is not mistaken for a model file.
+    let out = kiln(&dir, &["ensemble", member, &data, "--data", &data]);
+    let stderr = usage_error(&out);
+    assert!(stderr.contains("is not a kiln checkpoint"), "{stderr}");
+
+    // Nor is a damaged checkpoint whose name ends in `.model`.
+    let checkpoint = std::fs::read(dir.join(member)).unwrap();
+    std::fs::write(dir.join("cut.model"), &checkpoint[..100]).unwrap();
+    let out = kiln(&dir, &["ensemble", member, "cut.model", "--data", &data]);
+    let stderr = usage_error(&out);
+    assert!(stderr.contains("is not a kiln checkpoint"), "{stderr}");
+    assert!(!stderr.contains("is a model file"), "{stderr}");
+}
+
 /// Copies an ensemble file to `to` with its `kiln_ensemble` metadata
 /// changed by `edit`.
 fn edit_ensemble_header(from: &Path, to: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
@@ -804,11 +903,19 @@ fn crafted_ensemble_files_are_rejected() {
     let dir = temp_dir("crafted");
     small_seed_ensemble(&dir);
     let original = dir.join("ensemble.safetensors");
-    let cases: [(&str, HeaderEdit, &str); 4] = [
+    let cases: [(&str, HeaderEdit, &str); 5] = [
         (
             "negative.st",
             |e| e["members"][0]["weight"] = (-1.0).into(),
             "member 0 has weight -1",
+        ),
+        (
+            "overflow.st",
+            |e| {
+                e["members"][0]["weight"] = 1e308.into();
+                e["members"][1]["weight"] = 1e308.into();
+            },
+            "the member weights sum to inf",
         ),
         (
             "zero.st",

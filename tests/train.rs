@@ -509,6 +509,162 @@ fn bad_data_files_are_named() {
     assert!(text(&missing.stderr).contains("no/such.csv"));
 }
 
+/// Builds a version 1.0 `.npy` file: the magic string, the header length,
+/// the header dictionary padded with spaces to a multiple of 64 bytes, and
+/// `data`.
+fn npy_file(descriptor: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+    let mut header =
+        format!("{{'descr': '{descriptor}', 'fortran_order': False, 'shape': {shape}, }}");
+    while !(10 + header.len() + 1).is_multiple_of(64) {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    bytes
+}
+
+/// Builds a zip archive of uncompressed members, as `numpy.savez` writes
+/// one, with correct CRC-32 checksums.
+fn stored_zip(members: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut archive = Vec::new();
+    let mut directory = Vec::new();
+    for (name, data) in members {
+        let mut crc = flate2::Crc::new();
+        crc.update(data);
+        let offset = archive.len() as u32;
+        // Version, flags, method, time, date, CRC-32, sizes, name and extra
+        // lengths: the fields that local and central headers share.
+        let mut common = vec![20, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        common.extend_from_slice(&crc.sum().to_le_bytes());
+        common.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        common.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        common.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        common.extend_from_slice(&[0, 0]);
+
+        archive.extend_from_slice(b"PK\x03\x04");
+        archive.extend_from_slice(&common);
+        archive.extend_from_slice(name.as_bytes());
+        archive.extend_from_slice(data);
+
+        directory.extend_from_slice(b"PK\x01\x02\x14\x00");
+        directory.extend_from_slice(&common);
+        // Comment length, disk, internal and external attributes.
+        directory.extend_from_slice(&[0; 10]);
+        directory.extend_from_slice(&offset.to_le_bytes());
+        directory.extend_from_slice(name.as_bytes());
+    }
+    let directory_offset = archive.len() as u32;
+    archive.extend_from_slice(&directory);
+    archive.extend_from_slice(b"PK\x05\x06\x00\x00\x00\x00");
+    let count = (members.len() as u16).to_le_bytes();
+    archive.extend_from_slice(&[count, count].concat());
+    archive.extend_from_slice(&(directory.len() as u32).to_le_bytes());
+    archive.extend_from_slice(&directory_offset.to_le_bytes());
+    archive.extend_from_slice(&[0, 0]);
+    archive
+}
+
+#[test]
+fn npy_shape_larger_than_file_is_rejected() {
+    let dir = temp_dir("npy-shape");
+    assert_eq!(train_small(&dir, &["--epochs", "1"]).status.code(), Some(0));
+    let checkpoint = dir.join("best.safetensors");
+    // About 1 KB, whose header promises 25.6 TB of float32 values.
+    let huge = npy_file("<f4", "(100000000000, 64)", &[0; 896]);
+    let labels = npy_file("<i8", "(100000000000,)", &[0; 64]);
+    std::fs::write(dir.join("huge.npy"), &huge).unwrap();
+    let npz = stored_zip(&[("x.npy", &huge), ("y.npy", &labels)]);
+    std::fs::write(dir.join("huge.npz"), npz).unwrap();
+
+    for name in ["huge.npy", "huge.npz"] {
+        let data = dir.join(name);
+        let data = data.to_str().unwrap();
+        let out_csv = dir.join("p.csv");
+        let runs: [(&str, Vec<&str>); 3] = [
+            (
+                "train",
+                vec![
+                    "train",
+                    "models/digits.model",
+                    "--data",
+                    data,
+                    "--checkpoint-dir",
+                    dir.to_str().unwrap(),
+                ],
+            ),
+            (
+                "eval",
+                vec!["eval", checkpoint.to_str().unwrap(), "--data", data],
+            ),
+            (
+                "predict",
+                vec![
+                    "predict",
+                    checkpoint.to_str().unwrap(),
+                    "--data",
+                    data,
+                    "--out",
+                    out_csv.to_str().unwrap(),
+                ],
+            ),
+        ];
+        for (command, args) in runs {
+            let out = kiln(&args);
+            let stderr = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{name}, {command}: {stderr}");
+            assert!(
+                stderr.contains("the data is truncated: the header promises 6400000000000 float32 values of shape [100000000000, 64] (25600000000000 bytes), but only 896 bytes follow the header"),
+                "{name}, {command}: {stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn truncated_npy_is_reported_as_truncated() {
+    let dir = temp_dir("npy-truncated");
+    assert_eq!(train_small(&dir, &["--epochs", "1"]).status.code(), Some(0));
+    let checkpoint = dir.join("best.safetensors");
+    let values: Vec<u8> = (0..10 * 64)
+        .flat_map(|i| (i as f32).to_le_bytes())
+        .collect();
+    let whole = npy_file("<f4", "(10, 64)", &values);
+    let path = dir.join("cut.npy");
+    std::fs::write(&path, &whole[..whole.len() - 100]).unwrap();
+    let out_csv = dir.join("p.csv");
+    let out = kiln(&[
+        "predict",
+        checkpoint.to_str().unwrap(),
+        "--data",
+        path.to_str().unwrap(),
+        "--out",
+        out_csv.to_str().unwrap(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the data is truncated: the header promises 640 float32 values of shape [10, 64] (2560 bytes), but only 2460 bytes follow the header"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("incorrect descriptor"), "{stderr}");
+    assert!(!stderr.contains("must be float32"), "{stderr}");
+
+    // The whole file predicts, so the message above is about the cut.
+    std::fs::write(&path, &whole).unwrap();
+    let out = kiln(&[
+        "predict",
+        checkpoint.to_str().unwrap(),
+        "--data",
+        path.to_str().unwrap(),
+        "--out",
+        out_csv.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
 /// TensorBoard's own reader (the `tensorboard` Python package) loads the
 /// event files and finds every promised tag.
 #[test]
@@ -574,6 +730,42 @@ fn non_finite_data_is_rejected() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("non-finite value"), "{stderr}");
     assert!(stderr.contains("sample 1"), "{stderr}");
+}
+
+#[test]
+fn ambiguous_csv_label_is_rejected() {
+    let dir = temp_dir("ambiguous-label");
+    let path = dir.join("two.csv");
+    std::fs::write(&path, "y,f,class\n1,2,0\n0,3,1\n").unwrap();
+    let model = write_model(
+        &dir,
+        "model m { input f: [2] logits = dense(f, units = 2) output logits: [2] }",
+    );
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            &model,
+            "--data",
+            path.to_str().unwrap(),
+            "--checkpoint-dir",
+            dir.to_str().unwrap(),
+            "--epochs",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        kiln(&args)
+    };
+    let out = train(&[]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("columns 0 (`y`) and 2 (`class`) could each be the label"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("pass --label-column"), "{stderr}");
+
+    let out = train(&["--label-column", "class"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
 
 #[test]

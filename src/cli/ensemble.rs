@@ -4,10 +4,10 @@
 //! ensemble file.
 
 use super::exit;
-use super::predictor::{Member, Predictor};
+use super::predictor::{restore_or_explain, Member, Predictor};
 use super::train::{
-    instantiate, interrupt_flag, label_column, restore, restore_checkpoint, test_split,
-    train_error, ExecArgs, Restored, INTERRUPTED,
+    instantiate, interrupt_flag, label_column, restore_checkpoint, test_split, train_error,
+    ExecArgs, Restored, INTERRUPTED,
 };
 use crate::check::Instance;
 use crate::data::{self, Dataset};
@@ -133,6 +133,45 @@ fn validate_options(args: &EnsembleArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// Rejects an `--out` that is one of the files the run reads: the `.model`
+/// file, a member checkpoint, the data or the study. Writing the ensemble
+/// there would destroy that input.
+fn reject_out_among_inputs(args: &EnsembleArgs) -> Result<(), String> {
+    let input_kind = if args.seeds.is_some() {
+        "the `.model` file"
+    } else {
+        "a member checkpoint"
+    };
+    let mut inputs: Vec<(&Path, &str)> = args
+        .inputs
+        .iter()
+        .map(|path| (path.as_path(), input_kind))
+        .collect();
+    inputs.push((&args.data, "the --data file"));
+    if let Some(test_data) = &args.test_data {
+        inputs.push((test_data, "the --test-data file"));
+    }
+    if let Some(study) = &args.study {
+        inputs.push((study, "the --study database"));
+    }
+    match inputs.iter().find(|(path, _)| same_file(path, &args.out)) {
+        Some((_, kind)) => Err(format!(
+            "--out `{}` is one of the input files ({kind}); choose another path",
+            args.out.display()
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Checks whether two paths name the same existing file, following symbolic
+/// links and `..`.
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
 /// Members named by the arguments.
 fn member_sources(
     args: &EnsembleArgs,
@@ -193,8 +232,8 @@ fn warn_repeated(paths: &[PathBuf]) {
     }
 }
 
-/// Opens a member checkpoint file. An ensemble file is rejected with a
-/// hint, because its members' metadata is not a checkpoint's.
+/// Opens a member checkpoint file. An ensemble file or a model file is
+/// rejected with a hint, because neither is a checkpoint.
 fn restore_member_file(path: &Path) -> Result<Restored, (u8, String)> {
     if file::is_ensemble(path) {
         return Err((
@@ -205,7 +244,8 @@ fn restore_member_file(path: &Path) -> Result<Restored, (u8, String)> {
             ),
         ));
     }
-    restore(path)
+    let hint = "to pool copies of it, give it alone with `--seeds N`, which trains N members with seeds 0 to N-1";
+    restore_or_explain(path, hint)
 }
 
 /// Checkpoints of a study's complete trials, best first: the best `keep`,
@@ -497,6 +537,7 @@ fn build(args: EnsembleArgs) -> Result<u8, (u8, String)> {
     // member in training after its step, and a second one exits at once.
     let interrupt = interrupt_flag();
     validate_options(&args).map_err(usage)?;
+    reject_out_among_inputs(&args).map_err(usage)?;
     let loaded = data::load(&args.data, &label_column(&args.label_column))
         .map_err(|e| usage(e.to_string()))?;
     let test = test_split(
@@ -548,11 +589,7 @@ pub(crate) fn pool(
     options: &PoolOptions,
 ) -> Result<u8, (u8, String)> {
     let usage = |m: String| (exit::USAGE, m);
-    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    if sources.iter().any(|s| same(s.path(), &options.out)) {
+    if sources.iter().any(|s| same_file(s.path(), &options.out)) {
         return Err(usage(format!(
             "--out `{}` is one of the members; choose another path",
             options.out.display()

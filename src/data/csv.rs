@@ -97,7 +97,7 @@ pub fn load(path: &Path, label: &LabelColumn) -> Result<Dataset, DataError> {
 }
 
 /// Header names taken as the label column when `--label-column` is not
-/// given, compared without case.
+/// given, compared without case. Two columns with such names are an error.
 const LABEL_NAMES: [&str; 5] = ["label", "labels", "class", "target", "y"];
 
 fn resolve_label(
@@ -107,35 +107,10 @@ fn resolve_label(
     columns: usize,
 ) -> Result<usize, DataError> {
     let index = match label {
-        LabelColumn::Auto => header
-            .and_then(|names| {
-                names.iter().position(|h| {
-                    let h = h.to_lowercase();
-                    LABEL_NAMES.contains(&h.as_str())
-                })
-            })
-            .unwrap_or(columns - 1),
+        LabelColumn::Auto => auto_label(path, header.unwrap_or_default(), columns)?,
         LabelColumn::None => columns - 1,
         LabelColumn::Index(i) => *i,
-        LabelColumn::Name(name) => {
-            let Some(header) = header else {
-                return Err(DataError::invalid(
-                    path,
-                    "CSV",
-                    format!("label column `{name}` given by name, but the file has no header row"),
-                ));
-            };
-            header.iter().position(|h| h == name).ok_or_else(|| {
-                DataError::invalid(
-                    path,
-                    "CSV",
-                    format!(
-                        "no column named `{name}`; the header has {}",
-                        header.join(", ")
-                    ),
-                )
-            })?
-        }
+        LabelColumn::Name(name) => named_label(path, name, header)?,
     };
     if index >= columns || columns < 2 {
         return Err(DataError::invalid(
@@ -145,4 +120,144 @@ fn resolve_label(
         ));
     }
     Ok(index)
+}
+
+/// Finds the one header column with a name from [`LABEL_NAMES`], else
+/// takes the last column.
+///
+/// # Errors
+/// When several columns have such names, because picking one would
+/// silently train on the wrong labels.
+fn auto_label(path: &Path, names: &[String], columns: usize) -> Result<usize, DataError> {
+    let candidates: Vec<usize> = (0..names.len())
+        .filter(|&i| LABEL_NAMES.contains(&names[i].to_lowercase().as_str()))
+        .collect();
+    match candidates[..] {
+        [] => Ok(columns - 1),
+        [index] => Ok(index),
+        _ => {
+            let descriptions = candidates
+                .iter()
+                .map(|&i| format!("{i} (`{}`)", names[i]))
+                .collect();
+            Err(DataError::Unsupported {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "columns {} could each be the label; pass --label-column with the 0-based index or the name of the label column",
+                    join_with_and(descriptions)
+                ),
+            })
+        }
+    }
+}
+
+/// Finds the one header column named `name`.
+fn named_label(path: &Path, name: &str, header: Option<&[String]>) -> Result<usize, DataError> {
+    let Some(header) = header else {
+        return Err(DataError::invalid(
+            path,
+            "CSV",
+            format!("label column `{name}` given by name, but the file has no header row"),
+        ));
+    };
+    let matches: Vec<usize> = (0..header.len()).filter(|&i| header[i] == name).collect();
+    match matches[..] {
+        [] => Err(DataError::invalid(
+            path,
+            "CSV",
+            format!(
+                "no column named `{name}`; the header has {}",
+                header.join(", ")
+            ),
+        )),
+        [index] => Ok(index),
+        _ => {
+            let indices = matches.iter().map(usize::to_string).collect();
+            Err(DataError::Unsupported {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "`{name}` names more than one column ({}); pass --label-column with the 0-based index of the label column",
+                    join_with_and(indices)
+                ),
+            })
+        }
+    }
+}
+
+/// Joins items for a message: "a", "a and b", "a, b and c".
+fn join_with_and(mut items: Vec<String>) -> String {
+    match items.pop() {
+        Some(last) if !items.is_empty() => format!("{} and {last}", items.join(", ")),
+        Some(last) => last,
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes `text` to a file of its own and loads it with `label`.
+    fn load_text(name: &str, text: &str, label: &LabelColumn) -> Result<Dataset, DataError> {
+        let dir = std::env::temp_dir().join(format!("kiln-csv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{name}.csv"));
+        std::fs::write(&path, text).unwrap();
+        load(&path, label)
+    }
+
+    #[test]
+    fn label_found_by_header_name() {
+        let data = load_text("by-name", "p0,Class,p1\n1,2,3\n4,5,6\n", &LabelColumn::Auto).unwrap();
+        assert_eq!(data.labels, vec![2, 5]);
+        assert_eq!(data.x, vec![1.0, 3.0, 4.0, 6.0]);
+    }
+
+    #[test]
+    fn two_label_names_are_ambiguous() {
+        let text = "y,p0,class\n1,2,3\n";
+        let error = load_text("two-names", text, &LabelColumn::Auto)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("columns 0 (`y`) and 2 (`class`) could each be the label"),
+            "{error}"
+        );
+        assert!(error.contains("pass --label-column"), "{error}");
+    }
+
+    #[test]
+    fn repeated_label_name_is_ambiguous() {
+        let text = "label,p0,label\n1,2,3\n";
+        let error = load_text("repeated", text, &LabelColumn::Auto)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("columns 0 (`label`) and 2 (`label`) could each be the label"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn repeated_requested_name_is_ambiguous() {
+        let text = "digit,p0,digit\n1,2,3\n";
+        let label = LabelColumn::Name("digit".into());
+        let error = load_text("repeated-request", text, &label)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("`digit` names more than one column (0 and 2)"),
+            "{error}"
+        );
+        assert!(error.contains("the 0-based index"), "{error}");
+    }
+
+    #[test]
+    fn label_column_option_resolves_ambiguity() {
+        let text = "y,p0,class\n1,2,3\n";
+        let by_name = load_text("resolved-name", text, &LabelColumn::Name("class".into())).unwrap();
+        assert_eq!(by_name.labels, vec![3]);
+        let by_index = load_text("resolved-index", text, &LabelColumn::Index(0)).unwrap();
+        assert_eq!(by_index.labels, vec![1]);
+    }
 }

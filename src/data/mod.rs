@@ -4,6 +4,7 @@
 mod csv;
 mod idx;
 mod npy;
+mod zip;
 
 use crate::rng;
 use std::path::{Path, PathBuf};
@@ -137,7 +138,7 @@ impl Dataset {
 pub enum LabelColumn {
     /// The default: the header column named `label`, `labels`, `class`,
     /// `target` or `y` (in any case) when there is one, else the last
-    /// column.
+    /// column. Two columns with such names are an error.
     Auto,
     /// No label column: every column is a feature (for prediction).
     None,

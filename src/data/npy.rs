@@ -2,32 +2,261 @@
 //! `y_train`, `x_test`, `y_test`) arrays, and `.npy` matrices whose last
 //! column is the label.
 
+use super::zip::Archive;
 use super::{DataError, Dataset, Loaded};
-use ndarray::{ArrayD, IxDyn};
-use ndarray_npy::{NpzReader, ReadNpyExt};
+use ndarray::{ArrayD, IxDyn, ShapeBuilder};
+use ndarray_npy::npy::header::Header;
+use std::io::{self, BufReader, Read};
 use std::path::Path;
 
-/// Converts an array of any numeric type NumPy commonly uses to `f32`.
-fn read_any<R: std::io::Read + std::io::Seek>(
-    npz: &mut NpzReader<R>,
-    name: &str,
-) -> Option<ArrayD<f32>> {
-    if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<f32>, IxDyn>(name) {
-        return Some(a);
+/// Element types kiln reads from NumPy arrays, each converted to `f32`.
+#[derive(Clone, Copy)]
+enum Element {
+    F32,
+    F64,
+    U8,
+    I16,
+    I32,
+    I64,
+}
+
+/// An element type and its byte order, from a NumPy type descriptor.
+#[derive(Clone, Copy)]
+struct Dtype {
+    element: Element,
+    big_endian: bool,
+}
+
+const SUPPORTED_TYPES: &str = "float32, float64, uint8, int16, int32 or int64";
+
+impl Dtype {
+    /// Parses a descriptor such as `<f4` or `|u1`.
+    fn parse(descriptor: &str) -> Option<Dtype> {
+        let (big_endian, code) = match descriptor.split_at_checked(1) {
+            Some(("<" | "|", code)) => (false, code),
+            Some((">", code)) => (true, code),
+            _ => (false, descriptor),
+        };
+        let element = match code {
+            "f4" => Element::F32,
+            "f8" => Element::F64,
+            "u1" => Element::U8,
+            "i2" => Element::I16,
+            "i4" => Element::I32,
+            "i8" => Element::I64,
+            _ => return None,
+        };
+        Some(Dtype {
+            element,
+            big_endian,
+        })
     }
-    if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<f64>, IxDyn>(name) {
-        return Some(a.mapv(|v| v as f32));
+
+    fn size(self) -> usize {
+        match self.element {
+            Element::U8 => 1,
+            Element::I16 => 2,
+            Element::F32 | Element::I32 => 4,
+            Element::F64 | Element::I64 => 8,
+        }
     }
-    if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<u8>, IxDyn>(name) {
-        return Some(a.mapv(|v| v as f32));
+
+    fn name(self) -> &'static str {
+        match self.element {
+            Element::F32 => "float32",
+            Element::F64 => "float64",
+            Element::U8 => "uint8",
+            Element::I16 => "int16",
+            Element::I32 => "int32",
+            Element::I64 => "int64",
+        }
     }
-    if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<i64>, IxDyn>(name) {
-        return Some(a.mapv(|v| v as f32));
+
+    /// Converts whole elements of `bytes` to `f32` and appends them to `out`.
+    fn decode_into(self, bytes: &[u8], out: &mut Vec<f32>) {
+        macro_rules! widen {
+            ($t:ty) => {{
+                const SIZE: usize = std::mem::size_of::<$t>();
+                out.extend(bytes.chunks_exact(SIZE).map(|chunk| {
+                    let raw: [u8; SIZE] = chunk.try_into().expect("chunks_exact gives SIZE bytes");
+                    let value = if self.big_endian {
+                        <$t>::from_be_bytes(raw)
+                    } else {
+                        <$t>::from_le_bytes(raw)
+                    };
+                    value as f32
+                }))
+            }};
+        }
+        match self.element {
+            Element::F32 => widen!(f32),
+            Element::F64 => widen!(f64),
+            Element::U8 => widen!(u8),
+            Element::I16 => widen!(i16),
+            Element::I32 => widen!(i32),
+            Element::I64 => widen!(i64),
+        }
     }
-    if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<i32>, IxDyn>(name) {
-        return Some(a.mapv(|v| v as f32));
+}
+
+/// The `.npy` magic string, which starts every array file.
+const MAGIC: &[u8; 6] = b"\x93NUMPY";
+
+/// Reads the header of an array file: the magic string, the version, the
+/// header length and the header dictionary.
+///
+/// # Errors
+/// Returns the reason when the stream ends inside the header or the header
+/// is invalid.
+fn read_header(reader: &mut impl Read) -> Result<Header, String> {
+    let truncated = |e: io::Error| match e.kind() {
+        io::ErrorKind::UnexpectedEof => "the file is truncated inside its header".to_string(),
+        _ => format!("cannot read the header: {e}"),
+    };
+    let mut prefix = vec![0; MAGIC.len() + 2];
+    reader.read_exact(&mut prefix).map_err(truncated)?;
+    if prefix[..MAGIC.len()] != MAGIC[..] {
+        return Err("missing the NumPy magic string".into());
     }
-    None
+
+    let (major, minor) = (prefix[MAGIC.len()], prefix[MAGIC.len() + 1]);
+    // Version 1 stores the header length in 2 bytes, versions 2 and 3 in 4.
+    let length_bytes = match major {
+        1 => 2,
+        2 | 3 => 4,
+        _ => return Err(format!("format version {major}.{minor} is not supported")),
+    };
+    let mut length = [0; 4];
+    reader
+        .read_exact(&mut length[..length_bytes])
+        .map_err(truncated)?;
+    prefix.extend_from_slice(&length[..length_bytes]);
+
+    let header_bytes = u64::from(u32::from_le_bytes(length));
+    // Read through `take`, so that a header length larger than the file
+    // allocates no more than the file contains.
+    let before = prefix.len();
+    reader
+        .take(header_bytes)
+        .read_to_end(&mut prefix)
+        .map_err(truncated)?;
+    if ((prefix.len() - before) as u64) < header_bytes {
+        return Err("the file is truncated inside its header".into());
+    }
+    Header::from_reader(&mut prefix.as_slice()).map_err(|e| format!("invalid header: {e}"))
+}
+
+/// Bytes read and converted at a time; a multiple of every element size.
+const CHUNK_BYTES: usize = 1 << 16;
+
+/// Reads a whole `.npy` stream and converts its elements to `f32`.
+///
+/// # Errors
+/// Returns the reason when the header is invalid, the element type is not
+/// supported, or the data is shorter or longer than the header states.
+fn read_array(mut reader: impl Read) -> Result<ArrayD<f32>, String> {
+    let header = read_header(&mut reader)?;
+    let descriptor = header.type_descriptor.to_string();
+    // The descriptor is a Python string literal, such as '<f4', in quotes.
+    let dtype = descriptor
+        .strip_prefix('\'')
+        .and_then(|d| d.strip_suffix('\''))
+        .and_then(Dtype::parse)
+        .ok_or_else(|| {
+            format!("element type {descriptor} is not supported; use {SUPPORTED_TYPES}")
+        })?;
+    let shape = header.shape;
+    let expected_bytes = shape
+        .iter()
+        .try_fold(dtype.size(), |n, &d| n.checked_mul(d))
+        .ok_or_else(|| format!("the header's shape {shape:?} overflows"))?;
+
+    let (data, found) = read_values(&mut reader, dtype, expected_bytes)?;
+    if found < expected_bytes {
+        return Err(format!(
+            "the data is truncated: the header promises {} {} values of shape {shape:?} ({expected_bytes} bytes), but only {found} bytes follow the header",
+            expected_bytes / dtype.size(),
+            dtype.name()
+        ));
+    }
+    let extra =
+        io::copy(&mut reader, &mut io::sink()).map_err(|e| format!("cannot read the data: {e}"))?;
+    if extra > 0 {
+        let total = expected_bytes as u64 + extra;
+        return Err(format!(
+            "the header describes {expected_bytes} bytes of data, but {total} bytes follow it"
+        ));
+    }
+
+    let layout = IxDyn(&shape).set_f(header.layout.is_fortran());
+    Ok(ArrayD::from_shape_vec(layout, data).expect("the data has the header's size"))
+}
+
+/// Reads at most `max_bytes` of elements of type `dtype` and converts them
+/// to `f32`. Returns the values and the number of bytes read, which is less
+/// than `max_bytes` when the stream ends first.
+///
+/// The values grow only by the bytes that arrive, so a header that promises
+/// more data than the stream contains costs no more memory than the data.
+fn read_values(
+    reader: &mut impl Read,
+    dtype: Dtype,
+    max_bytes: usize,
+) -> Result<(Vec<f32>, usize), String> {
+    let mut values = Vec::with_capacity((max_bytes / dtype.size()).min(CHUNK_BYTES));
+    let mut chunk = vec![0; CHUNK_BYTES];
+    // Bytes at the start of `chunk` that do not yet form a whole element.
+    let mut pending = 0;
+    let mut found = 0;
+    let mut limited = reader.take(max_bytes as u64);
+    loop {
+        let count = match limited.read(&mut chunk[pending..]) {
+            Ok(0) => break,
+            Ok(count) => count,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("cannot read the data: {e}")),
+        };
+        found += count;
+        let filled = pending + count;
+        let whole = filled - filled % dtype.size();
+        dtype.decode_into(&chunk[..whole], &mut values);
+        chunk.copy_within(whole..filled, 0);
+        pending = filled - whole;
+    }
+    Ok((values, found))
+}
+
+/// Reads the array `name` of an `.npz` archive. NumPy stores array `x` as
+/// the member `x.npy`, and a member named `x` is accepted as well.
+fn read_npz_array(path: &Path, archive: &Archive, name: &str) -> Result<ArrayD<f32>, DataError> {
+    let invalid = |reason: String| DataError::invalid(path, "NumPy .npz", reason);
+    let member_name = if archive.names().iter().any(|n| n == name) {
+        name.to_string()
+    } else {
+        format!("{name}.npy")
+    };
+    let member = archive.member(&member_name).map_err(invalid)?;
+    read_array(member).map_err(|reason| invalid(format!("array `{name}`: {reason}")))
+}
+
+/// Opens an `.npz` archive and lists its arrays, named without `.npy`.
+fn open_npz(path: &Path) -> Result<(Archive, Vec<String>), DataError> {
+    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let archive =
+        Archive::new(file).map_err(|reason| DataError::invalid(path, "NumPy .npz", reason))?;
+    let names = archive
+        .names()
+        .into_iter()
+        .map(|n| n.strip_suffix(".npy").map_or(n.clone(), str::to_string))
+        .collect();
+    Ok((archive, names))
+}
+
+/// Reads a `.npy` file.
+fn read_npy(path: &Path) -> Result<ArrayD<f32>, DataError> {
+    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    read_array(BufReader::new(file))
+        .map_err(|reason| DataError::invalid(path, "NumPy .npy", reason))
 }
 
 fn dataset(path: &Path, x: ArrayD<f32>, y: ArrayD<f32>, what: &str) -> Result<Dataset, DataError> {
@@ -62,21 +291,9 @@ fn dataset(path: &Path, x: ArrayD<f32>, y: ArrayD<f32>, what: &str) -> Result<Da
 }
 
 pub fn load_npz(path: &Path) -> Result<Loaded, DataError> {
-    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
-    let mut npz =
-        NpzReader::new(file).map_err(|e| DataError::invalid(path, "NumPy .npz", e.to_string()))?;
-    let names = npz
-        .names()
-        .map_err(|e| DataError::invalid(path, "NumPy .npz", e.to_string()))?;
-    let has = |n: &str| names.iter().any(|m| m == n || m == &format!("{n}.npy"));
-    let mut read = |n: &str| {
-        let key = if names.iter().any(|m| m == n) {
-            n.to_string()
-        } else {
-            format!("{n}.npy")
-        };
-        read_any(&mut npz, &key).ok_or_else(|| DataError::invalid(path, "NumPy .npz", format!("array `{n}` has an unsupported type; use float32, float64, uint8, int32 or int64")))
-    };
+    let (archive, names) = open_npz(path)?;
+    let has = |n: &str| names.iter().any(|m| m == n);
+    let read = |n: &str| read_npz_array(path, &archive, n);
     if has("x_train") && has("y_train") {
         let train = dataset(path, read("x_train")?, read("y_train")?, "x_train")?;
         let test = if has("x_test") && has("y_test") {
@@ -116,56 +333,16 @@ fn features_only(path: &Path, x: ArrayD<f32>) -> Result<Dataset, DataError> {
     dataset(path, x, zeros, "x")
 }
 
-fn read_npy_as<T: ndarray_npy::ReadableElement + Copy + widen::ToF32>(
-    path: &Path,
-) -> Result<ArrayD<f32>, ndarray_npy::ReadNpyError> {
-    let file = std::fs::File::open(path).map_err(ndarray_npy::ReadNpyError::Io)?;
-    ArrayD::<T>::read_npy(file).map(|a| a.mapv(|v| v.to_f32()))
-}
-
-/// Conversion of the integer element types to `f32`.
-mod widen {
-    pub trait ToF32 {
-        fn to_f32(self) -> f32;
-    }
-    macro_rules! to_f32 {
-        ($($t:ty),*) => {$(impl ToF32 for $t { fn to_f32(self) -> f32 { self as f32 } })*};
-    }
-    to_f32!(u8, i16, i32, i64);
-}
-
 /// Reads a `.npy` array of unlabeled samples (any number of axes).
 pub fn load_npy_features(path: &Path) -> Result<Dataset, DataError> {
-    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
-    let x = ArrayD::<f32>::read_npy(file)
-        .or_else(|_| {
-            let file = std::fs::File::open(path).map_err(ndarray_npy::ReadNpyError::Io)?;
-            ArrayD::<f64>::read_npy(file).map(|a| a.mapv(|v| v as f32))
-        })
-        .or_else(|_| read_npy_as::<u8>(path))
-        .or_else(|_| read_npy_as::<i64>(path))
-        .or_else(|_| read_npy_as::<i32>(path))
-        .or_else(|_| read_npy_as::<i16>(path))
-        .map_err(|e| {
-            DataError::invalid(
-                path,
-                "NumPy .npy",
-                format!("{e}; the array must be float32, float64, uint8, int16, int32 or int64"),
-            )
-        })?;
-    features_only(path, x)
+    features_only(path, read_npy(path)?)
 }
 
 /// Reads the `x` (else `x_test`) array of a `.npz` file as unlabeled
 /// samples.
 pub fn load_npz_features(path: &Path) -> Result<Dataset, DataError> {
-    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
-    let mut npz =
-        NpzReader::new(file).map_err(|e| DataError::invalid(path, "NumPy .npz", e.to_string()))?;
-    let names = npz
-        .names()
-        .map_err(|e| DataError::invalid(path, "NumPy .npz", e.to_string()))?;
-    let key = ["x", "x.npy", "x_test", "x_test.npy"]
+    let (archive, names) = open_npz(path)?;
+    let key = ["x", "x_test"]
         .into_iter()
         .find(|k| names.iter().any(|n| n == k))
         .ok_or_else(|| {
@@ -178,24 +355,11 @@ pub fn load_npz_features(path: &Path) -> Result<Dataset, DataError> {
                 ),
             )
         })?;
-    let x = read_any(&mut npz, key).ok_or_else(|| {
-        DataError::invalid(
-            path,
-            "NumPy .npz",
-            format!("array `{key}` has an unsupported type"),
-        )
-    })?;
-    features_only(path, x)
+    features_only(path, read_npz_array(path, &archive, key)?)
 }
 
 pub fn load_npy(path: &Path) -> Result<Dataset, DataError> {
-    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
-    let matrix = ArrayD::<f32>::read_npy(file)
-        .or_else(|_| {
-            let file = std::fs::File::open(path).map_err(ndarray_npy::ReadNpyError::Io)?;
-            ArrayD::<f64>::read_npy(file).map(|a| a.mapv(|v| v as f32))
-        })
-        .map_err(|e| DataError::invalid(path, "NumPy .npy", e.to_string()))?;
+    let matrix = read_npy(path)?;
     if matrix.ndim() != 2 || matrix.shape()[1] < 2 {
         return Err(DataError::invalid(
             path,
@@ -216,4 +380,120 @@ pub fn load_npy(path: &Path) -> Result<Dataset, DataError> {
         .to_owned()
         .into_dyn();
     dataset(path, x, y, "matrix")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a version 1.0 `.npy` stream whose header dictionary is
+    /// `dictionary`, followed by `data`.
+    fn npy(dictionary: &str, data: &[u8]) -> Vec<u8> {
+        let mut header = dictionary.to_string();
+        while !(MAGIC.len() + 4 + header.len() + 1).is_multiple_of(64) {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&[1, 0]);
+        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        bytes
+    }
+
+    fn read(bytes: &[u8]) -> Result<ArrayD<f32>, String> {
+        read_array(bytes)
+    }
+
+    #[test]
+    fn big_endian_fortran_order_is_converted() {
+        let values: [i16; 6] = [1, 4, 2, 5, 3, -6];
+        let data: Vec<u8> = values.iter().flat_map(|v| v.to_be_bytes()).collect();
+        let dictionary = "{'descr': '>i2', 'fortran_order': True, 'shape': (2, 3), }";
+        let array = read(&npy(dictionary, &data)).unwrap();
+        assert_eq!(array.shape(), [2, 3]);
+        let rows: Vec<f32> = array.as_standard_layout().iter().copied().collect();
+        assert_eq!(rows, [1.0, 2.0, 3.0, 4.0, 5.0, -6.0]);
+    }
+
+    #[test]
+    fn every_supported_type_reads() {
+        let cases: [(&str, Vec<u8>); 6] = [
+            ("<f4", 2.5f32.to_le_bytes().to_vec()),
+            ("<f8", 2.5f64.to_le_bytes().to_vec()),
+            ("|u1", vec![200]),
+            ("<i2", (-300i16).to_le_bytes().to_vec()),
+            ("<i4", (-70000i32).to_le_bytes().to_vec()),
+            (">i8", (1i64 << 40).to_be_bytes().to_vec()),
+        ];
+        let expected = [2.5, 2.5, 200.0, -300.0, -70000.0, (1i64 << 40) as f32];
+        for ((descriptor, data), value) in cases.iter().zip(expected) {
+            let dictionary =
+                format!("{{'descr': '{descriptor}', 'fortran_order': False, 'shape': (1,), }}");
+            let array = read(&npy(&dictionary, data)).unwrap();
+            assert_eq!(array.as_slice().unwrap(), [value], "{descriptor}");
+        }
+    }
+
+    #[test]
+    fn data_longer_than_chunk_reads() {
+        let values: Vec<f32> = (0..100_000).map(|i| i as f32).collect();
+        let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let dictionary = "{'descr': '<f4', 'fortran_order': False, 'shape': (100000,), }";
+        let array = read(&npy(dictionary, &data)).unwrap();
+        assert_eq!(array.as_slice().unwrap(), values.as_slice());
+    }
+
+    #[test]
+    fn short_data_is_truncated() {
+        let dictionary = "{'descr': '<f8', 'fortran_order': False, 'shape': (1000000000000, 8), }";
+        let error = read(&npy(dictionary, &[0; 100])).unwrap_err();
+        assert_eq!(
+            error,
+            "the data is truncated: the header promises 8000000000000 float64 values of shape [1000000000000, 8] (64000000000000 bytes), but only 100 bytes follow the header"
+        );
+    }
+
+    #[test]
+    fn extra_data_is_rejected() {
+        let dictionary = "{'descr': '|u1', 'fortran_order': False, 'shape': (2,), }";
+        let error = read(&npy(dictionary, &[1, 2, 3])).unwrap_err();
+        assert_eq!(
+            error,
+            "the header describes 2 bytes of data, but 3 bytes follow it"
+        );
+    }
+
+    #[test]
+    fn overflowing_shape_is_rejected() {
+        let dictionary =
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296), }";
+        let error = read(&npy(dictionary, &[])).unwrap_err();
+        assert!(
+            error.contains("shape [4294967296, 4294967296] overflows"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn unsupported_type_is_named() {
+        let dictionary = "{'descr': '<c8', 'fortran_order': False, 'shape': (1,), }";
+        let error = read(&npy(dictionary, &[0; 8])).unwrap_err();
+        assert_eq!(
+            error,
+            "element type '<c8' is not supported; use float32, float64, uint8, int16, int32 or int64"
+        );
+    }
+
+    #[test]
+    fn header_longer_than_file_is_truncated() {
+        // Version 2.0 stores a 4-byte header length; this one claims 4 GiB.
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&[2, 0]);
+        bytes.extend_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+        bytes.extend_from_slice(b"{'descr': '<f4'");
+        let error = read(&bytes).unwrap_err();
+        assert_eq!(error, "the file is truncated inside its header");
+    }
 }

@@ -98,8 +98,9 @@ pub fn is_ensemble(path: &Path) -> bool {
 }
 
 /// Checks what the header states about the members: at least one, weights
-/// that are finite, non-negative and not all zero (pooling divides by their
-/// sum), and model sources that match their recorded SHA-256.
+/// that are finite, non-negative, not all zero and with a finite sum
+/// (pooling divides by that sum), and model sources that match their
+/// recorded SHA-256.
 fn check_members(members: &[MemberHeader]) -> Result<(), String> {
     if members.is_empty() {
         return Err("the ensemble has no members".into());
@@ -120,6 +121,12 @@ fn check_members(members: &[MemberHeader]) -> Result<(), String> {
     }
     if members.iter().all(|m| m.weight == 0.0) {
         return Err("every member has weight 0".into());
+    }
+    let total: f64 = members.iter().map(|m| m.weight).sum();
+    if !total.is_finite() {
+        return Err(format!(
+            "the member weights sum to {total}; scale them down to a finite sum, because pooling uses only their ratios"
+        ));
     }
     Ok(())
 }
