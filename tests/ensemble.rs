@@ -860,6 +860,13 @@ fn model_file_as_checkpoint_is_explained() {
     );
     assert!(stderr.contains("train it with `kiln train`"), "{stderr}");
 
+    let out = kiln(&dir, &["eval", "mlp.model", "--data", &data]);
+    let stderr = usage_error(&out);
+    assert!(
+        stderr.contains("`mlp.model` is a model file, not a checkpoint"),
+        "{stderr}"
+    );
+
     // A data file is not mistaken for a model file.
     let out = kiln(&dir, &["ensemble", member, &data, "--data", &data]);
     let stderr = usage_error(&out);

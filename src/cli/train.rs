@@ -707,7 +707,10 @@ pub fn eval(args: EvalArgs) -> u8 {
         });
     }
     let result = (|| {
-        let restored = restore(&args.checkpoint)?;
+        let restored = super::predictor::restore_or_explain(
+            &args.checkpoint,
+            "train it with `kiln train` and evaluate the checkpoint that writes",
+        )?;
         let loaded = data::load(&args.data, &label_column(&args.label_column))
             .map_err(|e| (exit::USAGE, e.to_string()))?;
         let (split, data) = match loaded.test {

@@ -4,7 +4,6 @@
 mod csv;
 mod idx;
 mod npy;
-mod zip;
 
 use crate::rng;
 use std::path::{Path, PathBuf};

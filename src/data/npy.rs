@@ -2,12 +2,14 @@
 //! `y_train`, `x_test`, `y_test`) arrays, and `.npy` matrices whose last
 //! column is the label.
 
-use super::zip::Archive;
 use super::{DataError, Dataset, Loaded};
 use ndarray::{ArrayD, IxDyn, ShapeBuilder};
 use ndarray_npy::npy::header::Header;
+use std::cell::RefCell;
+use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::Path;
+use zip::ZipArchive;
 
 /// Element types kiln reads from NumPy arrays, each converted to `f32`.
 #[derive(Clone, Copy)]
@@ -228,28 +230,38 @@ fn read_values(
 
 /// Reads the array `name` of an `.npz` archive. NumPy stores array `x` as
 /// the member `x.npy`, and a member named `x` is accepted as well.
-fn read_npz_array(path: &Path, archive: &Archive, name: &str) -> Result<ArrayD<f32>, DataError> {
+///
+/// The `zip` crate stops a member at its recorded size and checks its
+/// CRC-32, and [`read_array`] keeps only the bytes that arrive, so a header
+/// that promises more than the archive holds cannot allocate it.
+fn read_npz_array(
+    path: &Path,
+    archive: &RefCell<ZipArchive<File>>,
+    name: &str,
+) -> Result<ArrayD<f32>, DataError> {
     let invalid = |reason: String| DataError::invalid(path, "NumPy .npz", reason);
-    let member_name = if archive.names().iter().any(|n| n == name) {
+    let mut archive = archive.borrow_mut();
+    let member_name = if archive.file_names().any(|n| n == name) {
         name.to_string()
     } else {
         format!("{name}.npy")
     };
-    let member = archive.member(&member_name).map_err(invalid)?;
+    let member = archive
+        .by_name(&member_name)
+        .map_err(|e| invalid(format!("member `{member_name}`: {e}")))?;
     read_array(member).map_err(|reason| invalid(format!("array `{name}`: {reason}")))
 }
 
 /// Opens an `.npz` archive and lists its arrays, named without `.npy`.
-fn open_npz(path: &Path) -> Result<(Archive, Vec<String>), DataError> {
-    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+fn open_npz(path: &Path) -> Result<(RefCell<ZipArchive<File>>, Vec<String>), DataError> {
+    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
     let archive =
-        Archive::new(file).map_err(|reason| DataError::invalid(path, "NumPy .npz", reason))?;
+        ZipArchive::new(file).map_err(|e| DataError::invalid(path, "NumPy .npz", e.to_string()))?;
     let names = archive
-        .names()
-        .into_iter()
-        .map(|n| n.strip_suffix(".npy").map_or(n.clone(), str::to_string))
+        .file_names()
+        .map(|n| n.strip_suffix(".npy").unwrap_or(n).to_string())
         .collect();
-    Ok((archive, names))
+    Ok((RefCell::new(archive), names))
 }
 
 /// Reads a `.npy` file.
