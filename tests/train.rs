@@ -415,6 +415,20 @@ fn each_data_format_trains() {
         .unwrap();
     writer.add_array("y", &array.column(64).to_owned()).unwrap();
     writer.finish().unwrap();
+    let gzipped = |path: &Path| {
+        let target = path.with_extension(format!(
+            "{}.gz",
+            path.extension().unwrap().to_string_lossy()
+        ));
+        let mut encoder = flate2::write::GzEncoder::new(
+            std::fs::File::create(&target).unwrap(),
+            flate2::Compression::fast(),
+        );
+        std::io::Write::write_all(&mut encoder, &std::fs::read(path).unwrap()).unwrap();
+        encoder.finish().unwrap();
+        target
+    };
+    let (npy_gz, npz_gz) = (gzipped(&npy), gzipped(&npz));
 
     let cases: Vec<(String, Vec<String>)> = vec![
         ("IDX".into(), vec![idx.to_string_lossy().into()]),
@@ -441,6 +455,8 @@ fn each_data_format_trains() {
         ),
         ("NPY".into(), vec![npy.to_string_lossy().into()]),
         ("NPZ".into(), vec![npz.to_string_lossy().into()]),
+        ("NPY gzip".into(), vec![npy_gz.to_string_lossy().into()]),
+        ("NPZ gzip".into(), vec![npz_gz.to_string_lossy().into()]),
     ];
     for (name, data) in cases {
         let ck = temp_dir("formats-ck");

@@ -2,12 +2,11 @@
 //! `y_train`, `x_test`, `y_test`) arrays, and `.npy` matrices whose last
 //! column is the label.
 
-use super::{DataError, Dataset, Loaded};
+use super::{read_maybe_gzip, DataError, Dataset, Loaded};
 use ndarray::{ArrayD, IxDyn, ShapeBuilder};
 use ndarray_npy::npy::header::Header;
 use std::cell::RefCell;
-use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, Cursor, Read};
 use std::path::Path;
 use zip::ZipArchive;
 
@@ -236,7 +235,7 @@ fn read_values(
 /// that promises more than the archive holds cannot allocate it.
 fn read_npz_array(
     path: &Path,
-    archive: &RefCell<ZipArchive<File>>,
+    archive: &RefCell<Npz>,
     name: &str,
 ) -> Result<ArrayD<f32>, DataError> {
     let invalid = |reason: String| DataError::invalid(path, "NumPy .npz", reason);
@@ -253,10 +252,12 @@ fn read_npz_array(
 }
 
 /// Opens an `.npz` archive and lists its arrays, named without `.npy`.
-fn open_npz(path: &Path) -> Result<(RefCell<ZipArchive<File>>, Vec<String>), DataError> {
-    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
-    let archive =
-        ZipArchive::new(file).map_err(|e| DataError::invalid(path, "NumPy .npz", e.to_string()))?;
+/// An `.npz` archive held in memory, after any gzip layer is removed.
+type Npz = ZipArchive<Cursor<Vec<u8>>>;
+
+fn open_npz(path: &Path) -> Result<(RefCell<Npz>, Vec<String>), DataError> {
+    let archive = ZipArchive::new(Cursor::new(read_maybe_gzip(path)?))
+        .map_err(|e| DataError::invalid(path, "NumPy .npz", e.to_string()))?;
     let names = archive
         .file_names()
         .map(|n| n.strip_suffix(".npy").unwrap_or(n).to_string())
@@ -266,9 +267,8 @@ fn open_npz(path: &Path) -> Result<(RefCell<ZipArchive<File>>, Vec<String>), Dat
 
 /// Reads a `.npy` file.
 fn read_npy(path: &Path) -> Result<ArrayD<f32>, DataError> {
-    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
-    read_array(BufReader::new(file))
-        .map_err(|reason| DataError::invalid(path, "NumPy .npy", reason))
+    let bytes = read_maybe_gzip(path)?;
+    read_array(&bytes[..]).map_err(|reason| DataError::invalid(path, "NumPy .npy", reason))
 }
 
 fn dataset(path: &Path, x: ArrayD<f32>, y: ArrayD<f32>, what: &str) -> Result<Dataset, DataError> {
