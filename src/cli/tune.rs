@@ -171,10 +171,10 @@ fn problem(args: &TuneArgs) -> Result<Problem, (u8, String)> {
         None => report.models.first(),
     };
     let model = found.ok_or_else(|| {
-        let wanted = args.model.clone().unwrap_or_default();
+        let requested = args.model.clone().unwrap_or_default();
         let (models, ensembles) = super::train::item_names(&program.file);
         usage(super::train::missing_model(
-            &wanted, &name, &models, &ensembles,
+            &requested, &name, &models, &ensembles,
         ))
     })?;
     if model.space.is_empty() {
