@@ -139,14 +139,20 @@ fn fashion_bn_convnet_one_epoch() {
 
 fn train_small(dir: &Path, extra: &[&str]) -> Output {
     let model = write_model(dir, SMALL_MODEL);
+    let mut args = vec!["--quiet"];
+    args.extend_from_slice(extra);
+    train_on_digits(dir, &model, &args)
+}
+
+/// Trains `model` on the shipped digits, checkpointing into `dir`.
+fn train_on_digits(dir: &Path, model: &str, extra: &[&str]) -> Output {
     let mut args = vec![
         "train",
-        model.as_str(),
+        model,
         "--data",
         "data/digits.csv.gz",
         "--checkpoint-dir",
         dir.to_str().unwrap(),
-        "--quiet",
     ];
     args.extend_from_slice(extra);
     kiln(&args)
@@ -932,18 +938,7 @@ fn missing_validation_is_noted() {
             "seed = 5\n    callbacks = [early_stopping(patience = 2)]",
         ),
     );
-    let out = kiln(&[
-        "train",
-        model.as_str(),
-        "--data",
-        "data/digits.csv.gz",
-        "--checkpoint-dir",
-        dir.to_str().unwrap(),
-        "--val-split",
-        "0",
-        "--epochs",
-        "1",
-    ]);
+    let out = train_on_digits(&dir, &model, &["--val-split", "0", "--epochs", "1"]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(
@@ -959,16 +954,7 @@ fn failed_best_checkpoint_is_not_reported_as_written() {
     let dir = temp_dir("best-is-a-folder");
     std::fs::create_dir_all(dir.join("best.safetensors")).unwrap();
     let model = write_model(&dir, SMALL_MODEL);
-    let out = kiln(&[
-        "train",
-        model.as_str(),
-        "--data",
-        "data/digits.csv.gz",
-        "--checkpoint-dir",
-        dir.to_str().unwrap(),
-        "--epochs",
-        "1",
-    ]);
+    let out = train_on_digits(&dir, &model, &["--epochs", "1"]);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(
@@ -990,16 +976,11 @@ fn resume_with_another_model_file_is_rejected() {
     let first = train_small(&dir, &["--epochs", "1"]);
     assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
     let checkpoint = dir.join("last.safetensors");
-    let out = kiln(&[
-        "train",
+    let out = train_on_digits(
+        &dir.join("resumed"),
         "models/digits.model",
-        "--data",
-        "data/digits.csv.gz",
-        "--resume",
-        checkpoint.to_str().unwrap(),
-        "--checkpoint-dir",
-        dir.join("resumed").to_str().unwrap(),
-    ]);
+        &["--resume", checkpoint.to_str().unwrap()],
+    );
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
