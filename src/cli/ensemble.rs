@@ -524,6 +524,19 @@ struct Score {
     accuracy: f64,
 }
 
+/// The member with the highest accuracy; of equally accurate members, the
+/// one with the lower loss, and of those the first (for a study, the
+/// better-ranked trial).
+fn best_member(members: &[Score]) -> usize {
+    (0..members.len())
+        .max_by(|&a, &b| {
+            let by_accuracy = members[a].accuracy.total_cmp(&members[b].accuracy);
+            let by_loss = members[b].loss.total_cmp(&members[a].loss);
+            by_accuracy.then(by_loss).then(b.cmp(&a))
+        })
+        .unwrap_or(0)
+}
+
 fn score(probabilities: &ndarray::Array2<f32>, classes: &[usize], labels: &[usize]) -> Score {
     Score {
         loss: ensemble::log_loss(probabilities, labels),
@@ -685,14 +698,7 @@ impl SetReport {
         let weights: Vec<f64> = used.iter().map(|&i| predictor.members[i].weight).collect();
         let (probabilities, classes) = ensemble::combine(predictor.rule, &refs, &weights);
         let ensemble = score(&probabilities, &classes, labels);
-        // Of members with equal accuracy, the first (for a study, the
-        // better-ranked trial) counts as the best.
-        let best_member = (0..members.len())
-            .max_by(|&a, &b| {
-                let by_accuracy = members[a].accuracy.total_cmp(&members[b].accuracy);
-                by_accuracy.then(b.cmp(&a))
-            })
-            .unwrap_or(0);
+        let best_member = best_member(&members);
         let mut diversity = ensemble::diversity(&refs, labels);
         for d in &mut diversity {
             (d.a, d.b) = (used[d.a], used[d.b]);
@@ -818,4 +824,34 @@ fn save(predictor: &Predictor, out: &Path) -> Result<(), (u8, String)> {
         });
     }
     file::save(out, predictor.rule, &entries).map_err(|e| (exit::USAGE, e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scores(pairs: &[(f64, f64)]) -> Vec<Score> {
+        pairs
+            .iter()
+            .map(|&(loss, accuracy)| Score { loss, accuracy })
+            .collect()
+    }
+
+    #[test]
+    fn best_member_prefers_accuracy() {
+        assert_eq!(best_member(&scores(&[(0.1, 0.90), (0.5, 0.95)])), 1);
+    }
+
+    #[test]
+    fn best_member_ties_go_to_lower_loss() {
+        assert_eq!(best_member(&scores(&[(0.15, 0.9667), (0.11, 0.9667)])), 1);
+    }
+
+    #[test]
+    fn best_member_full_ties_go_to_first() {
+        assert_eq!(
+            best_member(&scores(&[(0.2, 0.9), (0.2, 0.9), (0.3, 0.8)])),
+            0
+        );
+    }
 }
