@@ -286,10 +286,17 @@ fn dataset(path: &Path, x: ArrayD<f32>, y: ArrayD<f32>, what: &str) -> Result<Da
             if v >= 0.0 && v.fract() == 0.0 {
                 Ok(v as usize)
             } else {
+                // A plain matrix keeps its labels in the last column, so a
+                // file of features alone fails here.
+                let hint = if what == "matrix" {
+                    "; the last column of a .npy matrix holds the labels, so a file of features alone works only with `kiln predict`"
+                } else {
+                    ""
+                };
                 Err(DataError::invalid(
                     path,
                     "NumPy",
-                    format!("{what}: label {v} is not a class index"),
+                    format!("{what}: label {v} is not a class index{hint}"),
                 ))
             }
         })
