@@ -94,6 +94,16 @@ impl Monitor {
             Monitor::ValAccuracy => "val_accuracy",
         }
     }
+
+    /// Returns the training metric that replaces this one in a run without
+    /// validation data.
+    pub fn on_training_data(self) -> Monitor {
+        match self {
+            Monitor::ValLoss => Monitor::Loss,
+            Monitor::ValAccuracy => Monitor::Accuracy,
+            other => other,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

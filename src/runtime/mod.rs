@@ -62,24 +62,24 @@ pub enum TrainError {
     },
 }
 
-/// Says which callbacks follow a training metric because there is no
-/// validation split to give the validation metric they name.
+/// Notes each callback that follows a training metric because the run has
+/// no validation data for the validation metric it names.
 fn note_training_fallback(callbacks: &[Callback], output: &Output) {
     for callback in callbacks {
         let (name, monitor) = match callback {
-            Callback::EarlyStopping { monitor, .. } => ("early_stopping", monitor),
-            Callback::Checkpoint { monitor, .. } => ("checkpoint", monitor),
-            Callback::ReduceLrOnPlateau { monitor, .. } => ("reduce_lr_on_plateau", monitor),
+            Callback::EarlyStopping { monitor, .. } => ("early_stopping", *monitor),
+            Callback::Checkpoint { monitor, .. } => ("checkpoint", *monitor),
+            Callback::ReduceLrOnPlateau { monitor, .. } => ("reduce_lr_on_plateau", *monitor),
             _ => continue,
         };
-        let (named, fallback) = match monitor {
-            Monitor::ValLoss => ("val_loss", "loss"),
-            Monitor::ValAccuracy => ("val_accuracy", "accuracy"),
-            _ => continue,
-        };
-        output.note(&format!(
-            "no validation split: `{name}` follows the training {fallback}, not `{named}`"
-        ));
+        let fallback = monitor.on_training_data();
+        if fallback != monitor {
+            output.note(&format!(
+                "no validation split: `{name}` follows the training {}, not `{}`",
+                fallback.name(),
+                monitor.name()
+            ));
+        }
     }
 }
 
@@ -364,10 +364,10 @@ impl Run {
     /// Without a validation split, validation metrics fall back to the
     /// training ones.
     fn available(&self, monitor: Monitor) -> Monitor {
-        match (monitor, self.val.is_some()) {
-            (Monitor::ValLoss, false) => Monitor::Loss,
-            (Monitor::ValAccuracy, false) => Monitor::Accuracy,
-            (m, _) => m,
+        if self.val.is_some() {
+            monitor
+        } else {
+            monitor.on_training_data()
         }
     }
 
