@@ -44,8 +44,8 @@ fn rust_taps(dst: &mut [f32], src: &[f32], taps: &[f32], offsets: &[usize]) {
 
 type TapsFn = unsafe extern "C" fn(*mut f32, *const f32, i64, *const f32, *const i64, i64);
 
-/// The same loop in Cranelift: eight `f32x4` sums per block, carried
-/// through the tap loop as block parameters.
+/// Compiles the same loop with Cranelift: eight `f32x4` sums per block,
+/// carried through the tap loop as block parameters.
 fn cranelift_taps(opt_level: &str) -> (JITModule, TapsFn) {
     let mut flags = settings::builder();
     flags.set("opt_level", opt_level).expect("flag");
@@ -57,6 +57,7 @@ fn cranelift_taps(opt_level: &str) -> (JITModule, TapsFn) {
         isa,
         cranelift_module::default_libcall_names(),
     ));
+
     let ptr = module.target_config().pointer_type();
     let mut sig = module.make_signature();
     for ty in [ptr, ptr, types::I64, ptr, ptr, types::I64] {
@@ -65,6 +66,7 @@ fn cranelift_taps(opt_level: &str) -> (JITModule, TapsFn) {
     let id = module
         .declare_function("taps", Linkage::Local, &sig)
         .expect("declare");
+
     let mut ctx = module.make_context();
     ctx.func.signature = sig;
     let mut fctx = FunctionBuilderContext::new();
@@ -74,8 +76,10 @@ fn cranelift_taps(opt_level: &str) -> (JITModule, TapsFn) {
         emit(&mut b);
         b.finalize(frontend);
     }
+
     module.define_function(id, &mut ctx).expect("define");
     module.finalize_definitions().expect("finalize");
+
     let code = module.get_finalized_function(id);
     // SAFETY: the function was defined with this signature.
     (module, unsafe {
@@ -179,8 +183,8 @@ fn taps(c: &mut Criterion) {
         })
         .collect();
     let run = |f: TapsFn, dst: &mut [f32]| {
-        // SAFETY: `dst` holds OUTPUTS values and `src` covers every tap's
-        // reads of them.
+        // SAFETY: `dst` has room for OUTPUTS values, and `src` covers every
+        // tap's reads for them.
         unsafe {
             f(
                 dst.as_mut_ptr(),

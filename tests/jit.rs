@@ -134,10 +134,10 @@ fn differential(graph: &Graph, optimizer: Optimizer, threads: usize) -> Result<(
     Ok(())
 }
 
-/// The reference's whole backward pass, run on the JIT's forward values.
+/// Runs the reference's whole backward pass on the JIT's forward values.
 ///
 /// Rounding differences of one part in 10^7 can put a ReLU input or a
-/// max-pooling tie on the other side in one executor; that element's
+/// max-pooling tie on the other side in one executor. That element's
 /// gradient then differs entirely, and the backward pass spreads the
 /// difference. On mlp, one ReLU input of one sample that rounded to the
 /// other side of zero moved a row of the second layer's weight gradient by
@@ -524,13 +524,13 @@ proptest! {
     }
 }
 
-/// The magnitude a kernel's result is judged against: its largest expected
-/// value, or for a sum whose terms cancel, a share of its terms' sizes.
+/// Returns the magnitude a kernel's result is judged against: its largest
+/// expected value, or for a sum whose terms cancel, a share of their sizes.
 fn kernel_scale(node: &kiln::ir::Node, inputs: &[&Tensor], expected: &Tensor) -> f32 {
     // A per-channel sum whose terms cancel (the batch mean after another
     // batch normalization, the bias gradient before one) is mostly rounding
-    // noise, so reductions are judged against the sum of their terms'
-    // magnitudes, the bound of a rounding-error analysis of summation.
+    // noise. So reductions are judged against the sum of their terms'
+    // magnitudes, which bounds the rounding error of a summation.
     let reduction = matches!(
         node.op,
         Op::BatchMean | Op::BatchVar | Op::BiasGrad | Op::BatchNormGradGamma { .. }

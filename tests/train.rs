@@ -926,8 +926,8 @@ fn empty_split_side_is_rejected() {
     }
 }
 
-/// Without validation, callbacks that name a validation metric say which
-/// training metric they follow instead.
+/// Without validation, callbacks that name a validation metric get a note
+/// naming the training metric they follow instead.
 #[test]
 fn missing_validation_is_noted() {
     let dir = temp_dir("no-validation");

@@ -500,7 +500,7 @@ fn tune_then_study_exports_a_valid_model() {
 }
 
 /// A digits network with every kind of value TensorBoard's HParams plugin
-/// tells apart: numbers, names, booleans and a conditional parameter. Its
+/// distinguishes: numbers, names, booleans and a conditional parameter. Its
 /// budget rejects the points with `width = 64`.
 const DIGITS_HPARAMS: &str = "model digits_hparams {
   input image: [1, 8, 8]

@@ -492,8 +492,8 @@ fn find_model<'a>(
     None
 }
 
-/// The `seed` of a model's `train` section; 0 when the model itself is
-/// invalid, whose own errors are reported already.
+/// Returns the `seed` of a model's `train` section, or 0 when the model is
+/// invalid, because its own errors are reported already.
 fn model_seed(report: &ModelReport) -> u64 {
     report.instance.as_ref().map_or(0, |i| i.train.seed)
 }

@@ -351,7 +351,7 @@ pub(crate) struct MemberPlan {
     pub label: String,
 }
 
-/// What every member of a trained ensemble shares.
+/// Settings that every member of a trained ensemble shares.
 pub(crate) struct SharedTraining<'a> {
     /// The `.model` file's text, stored in every member's checkpoint.
     pub source: &'a str,
@@ -524,9 +524,9 @@ struct Score {
     accuracy: f64,
 }
 
-/// The member with the highest accuracy; of equally accurate members, the
-/// one with the lower loss, and of those the first (for a study, the
-/// better-ranked trial).
+/// Returns the index of the member with the highest accuracy. Ties go to
+/// the lower loss, then to the first member (for a study, the better-ranked
+/// trial).
 fn best_member(members: &[Score]) -> usize {
     (0..members.len())
         .max_by(|&a, &b| {
@@ -575,7 +575,7 @@ fn build(args: EnsembleArgs) -> Result<u8, (u8, String)> {
     pool(sources, &loaded.train, test.as_ref(), &options)
 }
 
-/// How [`pool`] combines members and where it writes the result.
+/// Options of [`pool`]: the combination rule and the output path.
 pub(crate) struct PoolOptions {
     pub rule: Rule,
     pub select: Option<SelectArg>,

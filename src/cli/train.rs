@@ -493,9 +493,9 @@ fn reject_ensemble_resume(args: &TrainArgs) -> Result<(), String> {
     }
 }
 
-/// Whether `--model` (or, without it, the file's first item) selects an
-/// ensemble item. A file that does not parse selects none, so that the
-/// model path reports its syntax error.
+/// Returns whether `--model` (or, without it, the file's first item)
+/// selects an ensemble item. A file that does not parse selects none, so
+/// that the model path reports its syntax error.
 fn names_ensemble(source: &str, model: Option<&str>) -> bool {
     let Ok(program) = Program::parse(source) else {
         return false;
@@ -506,8 +506,8 @@ fn names_ensemble(source: &str, model: Option<&str>) -> bool {
     }
 }
 
-/// The exit status and message of a failed run: a diverged run means an
-/// unusable model, anything else a data or I/O problem.
+/// Returns the exit status and message of a failed run. A diverged run
+/// means an unusable model, and anything else a data or I/O problem.
 pub(crate) fn train_error(e: TrainError) -> (u8, String) {
     match e {
         TrainError::Diverged { .. } => (exit::INVALID_MODEL, e.to_string()),
@@ -901,8 +901,8 @@ pub fn predict(args: PredictArgs) -> u8 {
     })
 }
 
-/// The message for `--model NAME` naming no model of the file: it says
-/// when NAME is an ensemble and lists the models there are.
+/// Builds the error for a `--model NAME` that names no model of the file.
+/// It points out when NAME is an ensemble, and lists the file's models.
 pub(crate) fn missing_model(
     name: &str,
     file_name: &str,
@@ -923,7 +923,8 @@ pub(crate) fn missing_model(
     format!("no model `{name}` in `{file_name}`; {listed}")
 }
 
-/// The names of a parsed file's models and ensembles, for [`missing_model`].
+/// Returns the names of a parsed file's models and ensembles, for
+/// [`missing_model`].
 pub(crate) fn item_names(file: &crate::syntax::ast::File) -> (Vec<&str>, Vec<&str>) {
     let models = file.models.iter().map(|m| m.name.name.as_str()).collect();
     let ensembles = file

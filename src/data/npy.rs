@@ -231,8 +231,8 @@ fn read_values(
 /// the member `x.npy`, and a member named `x` is accepted as well.
 ///
 /// The `zip` crate stops a member at its recorded size and checks its
-/// CRC-32, and [`read_array`] keeps only the bytes that arrive, so a header
-/// that promises more than the archive holds cannot allocate it.
+/// CRC-32, and [`read_array`] keeps only the bytes that arrive. So a header
+/// that promises more than the archive contains cannot allocate it.
 fn read_npz_array(
     path: &Path,
     archive: &RefCell<Npz>,

@@ -441,8 +441,8 @@ impl Program {
         }
     }
 
-    /// Whether kernel `i` only marks a source (input, labels, parameter or
-    /// state) and computes nothing.
+    /// Returns whether kernel `i` only marks a source (input, labels,
+    /// parameter or state) and computes nothing.
     pub fn is_source(&self, i: usize) -> bool {
         matches!(
             &self.schedule.kernels[i],

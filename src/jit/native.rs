@@ -478,8 +478,8 @@ fn shifted_rows(
     span.zero_wrapped(row, win.ow);
 }
 
-/// Where one tap's im2col row of a band meets the input plane, for a
-/// stride-1 convolution whose output is as wide as its input.
+/// The overlap of one tap's im2col row of a band with the input plane, for
+/// a stride-1 convolution whose output is as wide as its input.
 struct ShiftedSpan {
     /// Output lines whose input line `oy + ki·d - top` lies inside the
     /// plane, counted from the band's first line.

@@ -674,12 +674,13 @@ impl Run {
         if self.failed_writes > 1 {
             return;
         }
-        let kept = if existed {
+        let file_state = if existed {
             "the file already at that path is kept unchanged"
         } else {
             "no file is at that path"
         };
-        let message = format!("{error}; {kept}; training goes on and retries after each epoch");
+        let message =
+            format!("{error}; {file_state}; training goes on and retries after each epoch");
         self.setup.output.warn(&message);
     }
 

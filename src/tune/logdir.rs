@@ -32,10 +32,10 @@ pub struct Owner {
 /// folder that exists above it is not a writable folder, or when `logdir`
 /// contains runs of another study.
 pub fn check(logdir: &Path, owner: &Owner, study_exists: bool) -> Result<(), String> {
-    let shown = logdir.display();
+    let logdir_text = logdir.display();
     match std::fs::metadata(logdir) {
         Ok(meta) if !meta.is_dir() => Err(format!(
-            "--logdir `{shown}` is not a folder; choose a new folder for the sweep's summaries"
+            "--logdir `{logdir_text}` is not a folder; choose a new folder for the sweep's summaries"
         )),
         Ok(_) => {
             check_writable(logdir, logdir)?;
@@ -62,7 +62,7 @@ pub fn claim(logdir: &Path, owner: &Owner) -> std::io::Result<()> {
 /// Checks that the missing folder `logdir` can be created: the nearest
 /// path above it that exists must be a writable folder.
 fn check_creatable(logdir: &Path) -> Result<(), String> {
-    let shown = logdir.display();
+    let logdir_text = logdir.display();
     for ancestor in logdir.ancestors().skip(1) {
         // A relative path's last ancestor is the empty path: the current
         // folder.
@@ -75,16 +75,16 @@ fn check_creatable(logdir: &Path) -> Result<(), String> {
             Ok(meta) if meta.is_dir() => return probe_create(logdir, ancestor),
             Ok(_) => {
                 return Err(format!(
-                    "--logdir `{shown}` is inside `{}`, which is not a folder; choose another path",
+                    "--logdir `{logdir_text}` is inside `{}`, which is not a folder; choose another path",
                     ancestor.display()
                 ))
             }
             Err(e) if e.kind() == ErrorKind::NotFound => continue,
-            Err(e) => return Err(format!("cannot use --logdir `{shown}`: {e}")),
+            Err(e) => return Err(format!("cannot use --logdir `{logdir_text}`: {e}")),
         }
     }
     Err(format!(
-        "cannot use --logdir `{shown}`: no folder above it exists"
+        "cannot use --logdir `{logdir_text}`: no folder above it exists"
     ))
 }
 
@@ -137,7 +137,7 @@ fn check_writable(logdir: &Path, dir: &Path) -> Result<(), String> {
 /// Checks that the existing folder `logdir` is empty of runs or belongs to
 /// `owner`.
 fn check_owner(logdir: &Path, owner: &Owner, study_exists: bool) -> Result<(), String> {
-    let shown = logdir.display();
+    let logdir_text = logdir.display();
     let marker = logdir.join(MARKER);
     let text = match std::fs::read_to_string(&marker) {
         Ok(text) => text,
@@ -152,7 +152,7 @@ fn check_owner(logdir: &Path, owner: &Owner, study_exists: bool) -> Result<(), S
     })?;
     if found != *owner {
         return Err(format!(
-            "--logdir `{shown}` holds the sweep of study `{}` (model `{}`); \
+            "--logdir `{logdir_text}` holds the sweep of study `{}` (model `{}`); \
              give each study a new --logdir, so that their trials stay apart",
             found.study.display(),
             found.model
@@ -162,7 +162,7 @@ fn check_owner(logdir: &Path, owner: &Owner, study_exists: bool) -> Result<(), S
         // A new database at the old path numbers its trials from 0 again,
         // into the old study's runs.
         return Err(format!(
-            "--logdir `{shown}` holds the sweep of an earlier study at `{}`, which no longer \
+            "--logdir `{logdir_text}` holds the sweep of an earlier study at `{}`, which no longer \
              exists; choose a new --logdir, or delete the old one",
             owner.study.display()
         ));
@@ -173,15 +173,15 @@ fn check_owner(logdir: &Path, owner: &Owner, study_exists: bool) -> Result<(), S
 /// Checks that a folder without a marker contains no runs or event files,
 /// such as a sweep of an older kiln or a `kiln train --logdir` leaves.
 fn check_no_runs(logdir: &Path) -> Result<(), String> {
-    let shown = logdir.display();
-    let entries =
-        std::fs::read_dir(logdir).map_err(|e| format!("cannot read --logdir `{shown}`: {e}"))?;
+    let logdir_text = logdir.display();
+    let entries = std::fs::read_dir(logdir)
+        .map_err(|e| format!("cannot read --logdir `{logdir_text}`: {e}"))?;
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if name.starts_with("trial-") || name.starts_with("events.out.tfevents.") {
             return Err(format!(
-                "--logdir `{shown}` already holds TensorBoard summaries (`{name}`) that no \
+                "--logdir `{logdir_text}` already holds TensorBoard summaries (`{name}`) that no \
                  study claims; choose a new or empty folder"
             ));
         }

@@ -8,9 +8,9 @@ use crate::syntax::ast;
 use plotters::prelude::*;
 use std::path::Path;
 
-/// Returns the best complete trial; of trials with equal values, the one
-/// with the lowest number, which is also the one the table sorted by
-/// value lists first.
+/// Returns the best complete trial. Of trials with equal values, it
+/// returns the one with the lowest number, which the table sorted by value
+/// also lists first.
 pub fn best(trials: &[Trial], direction: Direction) -> Option<&Trial> {
     trials
         .iter()

@@ -605,10 +605,10 @@ impl SqliteStorage {
     /// been created with the same `settings` and `metric`.
     ///
     /// # Errors
-    /// When `path` is not a regular file or is in a missing folder, or when
+    /// When `path` is not a regular file or is in a missing folder. Also when
     /// the file cannot be opened as an SQLite database, contains another
-    /// program's tables, or contains a study of another model or one run
-    /// with other settings.
+    /// program's tables, or contains a study of another model or of other
+    /// settings.
     pub fn open(
         path: &Path,
         model: &str,
